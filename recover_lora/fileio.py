@@ -1,0 +1,53 @@
+"""Writing outputs safely: to a temporary file beside the target, then an atomic rename."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from recover_lora.errors import RecoverLoraError
+
+
+def check_output(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse to overwrite an existing output unless forced; make its folder."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise RecoverLoraError(f"{path} already exists; pass --force to overwrite it")
+    if path.exists() and path.is_dir():
+        raise RecoverLoraError(f"{path} is a directory; give a file path for the output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Nothing half-written is ever left at ``path``: on any exception the temporary file is removed.
+
+    Example:
+        with atomic_output("model.gguf", force=True) as tmp:
+            writer = GGUFWriter(tmp, arch); ...
+    """
+    path = check_output(path, force)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RecoverLoraError(f"internal error: {tmp} was not written")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks (models can be GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
