@@ -34,7 +34,9 @@ def stories_dir() -> Path:
     return STORIES_DIR
 
 
-def make_tiny_hf_model(folder: Path, arch: str, seed: int = 0, hidden: int = 256, intermediate: int = 512) -> Path:
+def make_tiny_hf_model(
+    folder: Path, arch: str, seed: int = 0, hidden: int = 256, intermediate: int = 512, **config_overrides
+) -> Path:
     """Save a random-initialised model of `arch` with the stories260K tokenizer into `folder`."""
     torch = torch_threads()
     import transformers
@@ -56,7 +58,7 @@ def make_tiny_hf_model(folder: Path, arch: str, seed: int = 0, hidden: int = 256
     spec = dict(TINY_CONFIGS[arch])
     model_type = spec.pop("model_type")
     spec.pop("architectures")
-    config = transformers.AutoConfig.for_model(model_type, **base, **spec)
+    config = transformers.AutoConfig.for_model(model_type, **{**base, **spec, **config_overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # norms and biases away from their init values so they are tested

@@ -1,5 +1,7 @@
 """HF -> GGUF conversion: every supported architecture loads in llama.cpp with torch's logits."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -32,6 +34,29 @@ def test_llama_cpp_logits_match_torch(tiny_hf_model, tmp_path, arch):
     relative = np.abs(candidate - reference).max() / np.abs(reference).max()
     assert relative < 1e-3, relative
     assert (candidate.argmax(-1) == reference.argmax(-1)).mean() >= 0.95
+
+
+def test_llama3_rope_scaling_matches_torch(tiny_hf_model, tmp_path):
+    # Llama-3.x rope scaling reaches llama.cpp as a rope_freqs tensor of per-frequency divisors.
+    scaling = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    weights = load_model(tiny_hf_model("llama", rope_parameters=scaling, max_position_embeddings=128))
+    assert weights.config.rope_scaling["rope_type"] == "llama3"
+    gguf_path = write_gguf(weights, tmp_path / "llama3.gguf")
+    tokens = sample_tokens(64)
+    reference = torch_logits(to_hf_model(weights), tokens)
+    unscaled = torch_logits(to_hf_model(weights.replace(config=replace(weights.config, rope_scaling=None))), tokens)
+    assert np.abs(unscaled - reference).max() / np.abs(reference).max() > 1e-2  # the scaling matters here
+    candidate = llama_cpp_logits(gguf_path, tokens)
+    assert np.abs(candidate - reference).max() / np.abs(reference).max() < 1e-3
+
+
+def test_help_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = "import sys; from recover_lora.cli import app; print(sorted(m for m in ('torch', 'llama_cpp', 'transformers') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
