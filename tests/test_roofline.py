@@ -1,0 +1,185 @@
+"""Roofline math on hand-computed tiny configs, the `roofline` CLI and the reproduction table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from recover_lora.cli import main
+from recover_lora.devices.profiles import DeviceProfile, get_profile
+from recover_lora.devices.reproduce import PAPER_RATIO_RANGE, reproduction_markdown, reproduction_rows
+from recover_lora.devices.roofline import AdapterSpec, estimate, roofline_table, token_cost
+from recover_lora.devices.shapes import ModelShape, padded_shape, tensors_for_policy
+from recover_lora.errors import RecoverLoraError
+from recover_lora.export.model import ModelConfig
+from recover_lora.export.policy import Policy
+
+# Block sizes written out from ggml-common.h, independently of gguf.GGML_QUANT_SIZES:
+# every K-quant block holds 256 weights.
+Q2_K_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q6_K_BLOCK_BYTES = 84, 144, 210
+
+
+def tiny_config(**changes) -> ModelConfig:
+    base = dict(
+        model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0, context_length=256, tie_word_embeddings=False,
+    )
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+def tiny_shape(**changes) -> ModelShape:
+    return ModelShape(name="tiny", config=tiny_config(**changes), source="test")
+
+
+def run_cli(args: list[str]) -> int:
+    """The exit code of `recover-lora ARGS` (typer exits 0 on success, main() 2 on RecoverLoraError)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code
+
+
+@pytest.fixture(autouse=True)
+def isolated_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECOVER_LORA_RESULTS", str(tmp_path / "results"))
+
+
+def test_decode_bytes_match_hand_count_exactly():
+    # Per layer (hidden 256, 4 heads x 64, 2 KV heads, intermediate 512), in 256-weight blocks:
+    # q 256x256 -> 256 blocks, k and v 128x256 -> 128 each, o 256 blocks; gate, up, down 512 each.
+    attention_blocks, gate_up_blocks, down_blocks = 256 + 128 + 128 + 256, 512 + 512, 512
+    norms = 2 * 256 * 4  # attn_norm + ffn_norm, F32
+    embedding_row = 1 * Q6_K_BLOCK_BYTES  # one 256-wide row of token_embd is read per token
+    output = 512 * Q6_K_BLOCK_BYTES  # 512 x 256
+    output_norm = 256 * 4
+    w4_layer = (attention_blocks + gate_up_blocks + down_blocks) * Q4_K_BLOCK_BYTES + norms
+    gateup_layer = (attention_blocks + down_blocks) * Q4_K_BLOCK_BYTES + gate_up_blocks * Q2_K_BLOCK_BYTES + norms
+    kv_per_token = 2 * 2 * 2 * 64 * 2  # layers x (K, V) x kv heads x head_dim x F16 bytes
+
+    shape = tiny_shape()
+    for policy, layer in (("w4", w4_layer), ("gateup", gateup_layer)):
+        for ctx in (0, 7, 1000):
+            cost = token_cost(shape, policy, ctx)
+            assert cost.weights.bytes == embedding_row + output + output_norm + 2 * layer
+            assert cost.attention.bytes == kv_per_token * ctx
+
+
+def test_flops_and_adapter_bytes_match_formula():
+    shape = tiny_shape()
+    layer_params = 256 * 256 * 2 + 128 * 256 * 2 + 512 * 256 * 3
+    cost = token_cost(shape, "w4", 100)
+    assert cost.weights.flops == 2 * (2 * layer_params + 512 * 256)  # + output, not the embedding lookup
+    assert cost.attention.flops == 4 * 4 * 64 * 100 * 2  # 4 x heads x head_dim x ctx x layers
+    adapter = AdapterSpec(rank=8, modules=("ffn_gate", "ffn_up"), ggml_type=T.F16)
+    with_adapter = token_cost(shape, "w4", 100, adapter=adapter)
+    adapter_elements = 2 * 2 * 8 * (256 + 512)  # layers x (gate, up) x r x (in + out)
+    assert with_adapter.weights.bytes - cost.weights.bytes == adapter_elements * 2
+    assert with_adapter.weights.flops - cost.weights.flops == 2 * adapter_elements
+
+
+def test_tied_embeddings_read_the_whole_matrix_once():
+    tied = token_cost(tiny_shape(tie_word_embeddings=True), "w4", 0)
+    untied = token_cost(tiny_shape(), "w4", 0)
+    # Untied: one embedding row + the output matrix; tied: the matrix serves both.
+    assert untied.weights.bytes - tied.weights.bytes == Q6_K_BLOCK_BYTES
+
+
+def test_gateup_ratio_above_one_and_shrinking_with_context():
+    profile = get_profile("m2")
+    shape = tiny_shape(num_layers=8)
+    rows = roofline_table(shape, profile, ["w4", "gateup"], [0, 256, 4096, 65536])
+    ratios = [r.ratio_to_w4 for r in rows if r.policy == "gateup"]
+    assert all(r.ratio_to_w4 == 1.0 for r in rows if r.policy == "w4")
+    assert all(r > 1 for r in ratios)
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] > ratios[-1]
+    decode = [r.decode_tokens_per_s for r in rows if r.policy == "w4"]
+    assert decode == sorted(decode, reverse=True)
+
+
+def test_time_is_max_of_memory_and_compute_per_group():
+    shape = tiny_shape()
+    cost = token_cost(shape, "w4", 1000)
+    slow_compute = DeviceProfile(
+        key="x", name="x", device_class="host", backend="cpu", peak_compute_TFLOP_per_s=1e-6,
+        peak_bandwidth_GB_per_s=1000.0, sources={"peak_compute": "test", "peak_bandwidth": "test"},
+    )
+    row = estimate(cost, slow_compute)
+    assert row.decode_bound == "weights:compute, attention:compute"
+    assert row.decode_tokens_per_s == pytest.approx(1e6 / cost.flops)
+    assert row.prefill_tokens_per_s == pytest.approx(1e6 / cost.flops)
+
+
+def test_padded_shape_follows_the_exporter():
+    # SmolLM2-135M-like widths: hidden 576, 9/3 heads of 64, intermediate 1536.
+    shape = tiny_shape(hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64)
+    padded = padded_shape(shape, Policy.named("w4")).config
+    assert (padded.hidden_size, padded.intermediate_size, padded.num_heads, padded.num_kv_heads) == (768, 1536, 12, 4)
+    names = {t.name: t for t in tensors_for_policy(shape, "gateup")}
+    assert names["blk.0.attn_output.weight"].shape == (768, 768)
+    assert names["blk.0.ffn_gate.weight"].ggml_type == T.Q2_K
+    # KV heads grew with the padding, so the KV cache did too.
+    assert token_cost(shape, "w4", 10).attention.bytes == 2 * 2 * 4 * 64 * 2 * 10
+    with pytest.raises(RecoverLoraError, match="cannot pad"):
+        tensors_for_policy(ModelShape("q", tiny_config(model_type="qwen3", hidden_size=576, num_heads=9, num_kv_heads=3), "t"), "w4")
+
+
+def test_roofline_cli_prints_table_and_writes_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    assert run_cli(["roofline", "--model", "qwen3-4b", "--device", "m2", "--ctx", "0,4096", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    text = capsys.readouterr().out
+    assert "decode tok/s" in text and "x w4" in text
+    assert text.count("gateup") == 2 and text.count("w4 ") >= 2
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["ctx"], r["policy"]) for r in rows] == [(0, "w4"), (0, "gateup"), (4096, "w4"), (4096, "gateup")]
+    assert rows[1]["ratio_to_w4"] > 1.15
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device", "toaster"], "unknown device 'toaster'"),
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--policy", "w4,w3"], "unknown policy 'w3'"),
+        (["--ctx", "0,abc"], "--ctx '0,abc' must be"),
+        (["--ctx", "-5"], "--ctx '-5' must be"),
+        (["--policy", "file"], "policy 'file' needs a .gguf"),
+        (["--kv-type", "Q9_K"], "unknown ggml type 'Q9_K'"),
+        (["--adapter-rank", "8", "--adapter-modules", "gate,mlp"], "adapter modules"),
+    ],
+)
+def test_roofline_cli_bad_input_is_one_line_error(args, message, capsys):
+    assert run_cli(["roofline", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_reproduction_table_covers_models_devices_contexts(tmp_path, capsys):
+    rows = reproduction_rows(("qwen3-4b", "llama-3.1-8b"), ("m2", "raspberry-pi-5"), (0, 4096))
+    assert len(rows) == 8 and all(r.ratio > 1 for r in rows)
+    text = reproduction_markdown(rows)
+    assert f"+{(PAPER_RATIO_RANGE[0] - 1) * 100:.1f} %" in text and "| qwen3-4b | raspberry-pi-5 |" in text
+    out = tmp_path / "repro.md"
+    assert run_cli(["roofline", "--reproduce", "--model", "qwen3-4b", "--device", "m2", "--ctx", "0", "--out", str(out)]) == 0
+    assert "| qwen3-4b | m2 |" in out.read_text()
+    assert "GateUp vs W4" in capsys.readouterr().out
+
+
+def test_quantized_rate_applies_to_weights_and_float_rate_to_attention():
+    cost = token_cost(tiny_shape(), "w4", 1000)
+    profile = DeviceProfile(
+        key="x", name="x", device_class="host", backend="cpu", peak_compute_TFLOP_per_s=1000.0, quantized_compute_TFLOP_per_s=1e-6,
+        peak_bandwidth_GB_per_s=1.0, sources={"peak_compute": "t", "quantized_compute": "t", "peak_bandwidth": "t"},
+    )
+    row = estimate(cost, profile)
+    assert row.decode_bound == "weights:compute, attention:memory"
+    assert 1 / row.decode_tokens_per_s == pytest.approx(cost.weights.flops / 1e6 + cost.attention.bytes / 1e9)
+
+
+def test_roofline_cli_notes_padding_and_reads_hf_folders(stories_dir, capsys):
+    assert run_cli(["roofline", "--model", str(stories_dir), "--device", "m2", "--ctx", "0", "--policy", "gateup"]) == 0
+    assert "padded for K-quants: hidden 256, intermediate 256, 32/16 heads" in capsys.readouterr().out
+    assert run_cli(["roofline", "--model", "llama-3.1-8b", "--device", "m2", "--ctx", "0"]) == 0
+    assert "padded" not in capsys.readouterr().out
