@@ -23,15 +23,21 @@ def export_command(
     threads: Optional[int] = typer.Option(None, "--threads", help="Quantizer threads (default: all cores)"),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON"),
+    random_weights: bool = typer.Option(
+        False, "--random-weights", help="MODEL is a config.json: export random weights of its shape (a fair speed test)"
+    ),
 ) -> None:
     """Export a model to a mixed-precision GGUF quantized by llama.cpp (default policy: W4/W2-GateUp)."""
     from recover_lora.export.gguf_info import format_summary, summarize_gguf, write_summary_json
     from recover_lora.export.policy import Policy, TensorTypeRule, parse_ggml_type
+    from recover_lora.errors import RecoverLoraError
     from recover_lora.export.quantize import export_model
 
     rules = [TensorTypeRule.parse(spec) for spec in tensor_type]
     chosen = Policy.named(policy, rules=rules, embedding_type=parse_ggml_type(embedding_type))
-    result = export_model(model, out, chosen, pad=pad, force=force, threads=threads)
+    if random_weights and model is None:
+        raise RecoverLoraError("--random-weights needs MODEL: a config.json, e.g. devices/shapes/qwen3-4b.json")
+    result = export_model(model, out, chosen, pad=pad, force=force, threads=threads, random_weights=random_weights)
     summary = summarize_gguf(result.path)
     typer.echo(format_summary(summary, per_tensor=False))
     typer.echo(f"policy {result.policy}{' (widths padded to multiples of 256)' if result.padded else ''}: wrote {result.path}")

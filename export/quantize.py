@@ -122,6 +122,7 @@ def export_model(
     pad: str = "auto",
     force: bool = False,
     threads: int | None = None,
+    random_weights: bool = False,
 ) -> ExportResult:
     """Export a model to a mixed-precision GGUF quantized by llama.cpp.
 
@@ -132,16 +133,17 @@ def export_model(
         pad: "auto" pads widths exactly when a K-quant needs it; "none" refuses instead.
         force: overwrite an existing output.
         threads: quantizer threads (default: all cores).
+        random_weights: `source` is a config.json; export random weights of its shape (speed tests).
 
     Example:
         export_model(None, "smollm2.gateup.gguf", "gateup")
     """
     from recover_lora.export.gguf_io import write_gguf
-    from recover_lora.export.sources import load_model
+    from recover_lora.export.sources import load_model, random_model
 
     out_path = check_output(out_path, force)
     policy = Policy.named(policy) if isinstance(policy, str) else policy
-    weights = load_model(source)
+    weights = random_model(source) if random_weights else load_model(source)
     padded_weights, types = plan_types(weights, policy, pad)
     work_dtype = "f32" if padded_weights.config.num_linear_parameters() <= F32_WORK_FILE_MAX_PARAMS else "f16"
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".recover-lora-") as work_dir:

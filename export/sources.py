@@ -92,6 +92,86 @@ def _expected_hf_tensors(config: ModelConfig) -> list[str]:
     return names
 
 
+def hf_tensor_shape(name: str, config: ModelConfig) -> tuple[int, ...]:
+    """The (out, in) shape of a Hugging Face tensor of a llama-family model."""
+    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    suffix_shapes = {
+        "embed_tokens.weight": (config.vocab_size, config.hidden_size),
+        "lm_head.weight": (config.vocab_size, config.hidden_size),
+        "q_norm.weight": (config.head_dim,),  # before the hidden-size norms: same suffix
+        "k_norm.weight": (config.head_dim,),
+        "norm.weight": (config.hidden_size,),
+        "q_proj.weight": (q_rows, config.hidden_size),
+        "k_proj.weight": (kv_rows, config.hidden_size),
+        "v_proj.weight": (kv_rows, config.hidden_size),
+        "o_proj.weight": (config.hidden_size, q_rows),
+        "q_proj.bias": (q_rows,),
+        "k_proj.bias": (kv_rows,),
+        "v_proj.bias": (kv_rows,),
+        "gate_proj.weight": (config.intermediate_size, config.hidden_size),
+        "up_proj.weight": (config.intermediate_size, config.hidden_size),
+        "down_proj.weight": (config.hidden_size, config.intermediate_size),
+    }
+    for suffix, shape in suffix_shapes.items():
+        if name.endswith(suffix):
+            return shape
+    raise RecoverLoraError(f"no shape rule for tensor {name!r}")
+
+
+def byte_tokenizer(vocab_size: int) -> TokenizerSpec:
+    """A SentencePiece-style vocabulary of the 256 bytes (plus unused fill up to `vocab_size`):
+    enough for llama.cpp to load and run a model whose weights carry no language."""
+    import gguf
+
+    special = ["<unk>", "<s>", "</s>"]
+    if vocab_size < len(special) + 256:
+        raise RecoverLoraError(f"vocab_size {vocab_size} is too small for a byte vocabulary (needs >= 259)")
+    tokens = special + [f"<0x{b:02X}>" for b in range(256)]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    fill = vocab_size - len(tokens)
+    tokens += [f"[PAD{i}]" for i in range(fill)]
+    types += [gguf.TokenType.UNUSED] * fill
+    return TokenizerSpec(
+        model="llama", tokens=tokens, token_types=[int(t) for t in types], scores=[0.0] * vocab_size,
+        special_ids={"unk": 0, "bos": 1, "eos": 2}, add_bos=True, add_space_prefix=False,
+    )
+
+
+def random_model(config_path: str | Path, seed: int = 0) -> ModelWeights:
+    """A model of a config.json's shape with random weights and a byte vocabulary.
+
+    Decode speed does not depend on weight values, so this gives a fair speed test of a
+    4B-shaped model without its checkpoint. Tensors are drawn lazily, one at a time.
+
+    Example:
+        random_model("devices/shapes/qwen3-4b.json")
+    """
+    path = Path(config_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise RecoverLoraError(f"--random-weights needs a config.json (file or folder); {path} does not exist")
+    try:
+        raw_config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RecoverLoraError(f"{path} is not valid JSON: {e}") from None
+    config = ModelConfig.from_hf_config(raw_config, name=f"random-{path.stem if path.stem != 'config' else path.parent.name}")
+    loaders = {}
+    for index, name in enumerate(_expected_hf_tensors(config)):
+        shape = hf_tensor_shape(name, config)
+
+        def load(index=index, shape=shape, name=name) -> np.ndarray:
+            if len(shape) == 1:
+                return np.ones(shape, np.float32) if name.endswith("norm.weight") else np.zeros(shape, np.float32)
+            rng = np.random.default_rng([seed, index])
+            return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+
+        loaders[name] = load
+    return ModelWeights(
+        config=config, tensors=LazyTensors(loaders), tokenizer=byte_tokenizer(config.vocab_size), source=f"random:{path}"
+    )
+
+
 def load_hf_folder(folder: str | Path) -> ModelWeights:
     """A Hugging Face model folder: config.json, *.safetensors, tokenizer.json and/or tokenizer.model."""
     folder = Path(folder)

@@ -129,3 +129,23 @@ def test_inspect_command_json(stories_dir, tmp_path, capsys):
     assert data["count_by_type"]["Q4_K"] == 5 * 7
     assert data["architecture"] == "llama"
     assert len(data["tensors"]) == len(gguf.GGUFReader(tmp_path / "w4.gguf").tensors)
+
+
+def test_random_weights_of_a_config_shape(tmp_path):
+    import llama_cpp
+
+    config = {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 600, "hidden_size": 256,
+        "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 512, "tie_word_embeddings": True,
+    }
+    (tmp_path / "shape.json").write_text(json.dumps(config))
+    result = export_model(tmp_path / "shape.json", tmp_path / "random.gguf", "gateup", random_weights=True)
+    summary = summarize_gguf(result.path)
+    assert summary.count_by_type() == {"Q2_K": 4, "Q4_K": 10, "Q6_K": 1, "F32": 9}
+    assert [t.shape for t in summary.tensors if t.name == "blk.0.ffn_up.weight"] == [[512, 256]]
+    llm = llama_cpp.Llama(model_path=str(result.path), n_ctx=64, n_threads=2, verbose=False)
+    # bos + one byte token per byte of "speed▁test" (SentencePiece writes the space as U+2581, 3 bytes)
+    assert len(llm.tokenize(b"speed test")) == 1 + len("speed\u2581test".encode())
+    llm.eval(llm.tokenize(b"speed test"))
+    llm.close()
