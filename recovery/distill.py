@@ -1,0 +1,431 @@
+"""Recover-LoRA training: LoRA on the quantized student, distilled towards the full-precision teacher.
+
+wrap -> train -> export: peft puts LoRA on the target linears of the student (B = 0, so step 0 is
+exactly the quantized model), AdamW with warmup + cosine trains it on the KL between teacher and
+student next-token distributions (and optionally cross-entropy on labeled data), and the result
+is saved as a peft folder and a llama.cpp LoRA GGUF. Checkpoints make a killed run resume
+bit-identically; a NaN/inf loss stops the run and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from recover_lora.errors import RecoverLoraError
+from recover_lora.recovery import checkpoint as ckpt
+from recover_lora.recovery.losses import (
+    LossConfig,
+    cross_entropy_loss,
+    kl_loss,
+    next_token_rows,
+    topk_kl_loss,
+)
+
+ADAPTER_DIR = "adapter"
+ADAPTER_GGUF = "adapter.gguf"
+LOG_FILE = "train_log.jsonl"
+SUMMARY_FILE = "summary.json"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+# Fields that do not change the trained weights; everything else must match to --resume.
+_NOT_TRAJECTORY = ("output", "resume", "force", "progress", "checkpoint_every", "adapter_dtype", "device")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train` needs; checks itself before any model is loaded.
+
+    Exactly one of `samples` (a `recover-lora synth` folder) and `data` (a labeled JSONL) is given.
+    """
+
+    base: Path  # the quantized GGUF = the student
+    output: Path  # run folder: checkpoint, log, adapter/, adapter.gguf, summary.json
+    samples: Path | None = None
+    data: Path | None = None
+    teacher: str | None = None  # HF folder / GGUF of the full-precision model; None = default model
+    targets: str = "low-bit"  # see student.target_tensor_names
+    rank: int = 16
+    alpha: float | None = None  # None = 2 * rank
+    dropout: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 8
+    seq_len: int | None = None  # cut samples to this length (labeled data: pad/cut, default 256)
+    max_samples: int | None = None
+    loss: str = "forward"  # forward | reverse | mix
+    temperature: float = 1.0
+    mix_weight: float = 0.5
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    top_k: int | None = None  # cache the teacher's top-k log-probs once instead of running it every step
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+    adapter_dtype: str = "f16"
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.base, self.output = Path(self.base), Path(self.output)
+        if (self.samples is None) == (self.data is None):
+            raise RecoverLoraError("give exactly one training set: --samples DIR (synthetic) or --data FILE.jsonl (labeled)")
+        if self.alpha is None:
+            self.alpha = 2.0 * self.rank
+        positive = {"rank": self.rank, "lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size,
+                    "checkpoint_every": self.checkpoint_every, "alpha": self.alpha}
+        for name, value in positive.items():
+            if not value > 0:
+                raise RecoverLoraError(f"--{name.replace('_', '-')}={value} must be > 0")
+        for name in ("max_steps", "seq_len", "max_samples", "top_k"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise RecoverLoraError(f"--{name.replace('_', '-')}={value} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise RecoverLoraError(f"--dropout={self.dropout} must be in [0, 1)")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.grad_clip <= 0:
+            raise RecoverLoraError(
+                f"--warmup-steps={self.warmup_steps} must be >= 0, min_lr_ratio={self.min_lr_ratio} in [0, 1], "
+                f"--grad-clip={self.grad_clip} > 0"
+            )
+        if self.device not in DEVICES:
+            raise RecoverLoraError(f"--device {self.device!r} is unknown; use one of: {', '.join(DEVICES)}")
+        self.loss_config()  # validates loss kind, temperature, weights
+        from recover_lora.recovery.adapter_gguf import ADAPTER_DTYPES
+
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise RecoverLoraError(f"--adapter-dtype {self.adapter_dtype!r} is unknown; use one of: {', '.join(ADAPTER_DTYPES)}")
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(self.loss, self.temperature, self.mix_weight, self.ce_weight, self.kl_weight)
+
+    def trajectory(self) -> dict:
+        """The settings the trained weights depend on (compared on --resume)."""
+        values = dataclasses.asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if k not in _NOT_TRAJECTORY}
+
+
+@dataclass
+class TrainHooks:
+    """Test seams: change the loss of a step (inject NaN), or act after a step (simulate a kill)."""
+
+    loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    after_step: Callable[[int], None] | None = None
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    adapter_gguf: Path
+    steps: int
+    resumed_from: int
+    metrics: dict = field(default_factory=dict)  # last step's loss, kl, ce, lr, tokens_per_s
+    target_tensors: list[str] = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RecoverLoraError("--device cuda: no CUDA GPU is visible to torch; use --device auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RecoverLoraError("--device mps: Metal is not available; use --device auto")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; fp32 elsewhere (CPU bf16 matmuls are slow, MPS autocast is partial)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to 1, then cosine down to min_lr_ratio at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def batch_rows(step: int, n_samples: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The sample rows of a step: epoch e is a permutation seeded by (seed, e), cut in order."""
+    steps_per_epoch = n_samples // batch_size
+    epoch, position = divmod(step, steps_per_epoch)
+    order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+def load_training_samples(config: TrainConfig):
+    """SyntheticSamples from a synth folder or a labeled JSONL, cut to seq_len/max_samples."""
+    from recover_lora.recovery.samples import SyntheticSamples, load_samples
+
+    if config.samples is not None:
+        samples = load_samples(config.samples)
+        if config.seq_len is not None and config.seq_len < samples.seq_len:
+            samples = SyntheticSamples(
+                samples.input_ids[:, : config.seq_len], samples.loss_mask[:, : config.seq_len], samples.manifest
+            )
+    else:
+        from recover_lora.recovery.text_data import labeled_samples
+
+        samples = labeled_samples(config.data, config.base, config.seq_len or 256, config.max_samples)
+    if config.max_samples is not None:
+        samples = samples.subset(torch.arange(min(config.max_samples, len(samples))))
+    useful = samples.loss_mask.any(dim=1)
+    if not useful.all():  # rows with no target position would give an empty (nan) batch loss
+        samples = samples.subset(useful.nonzero().squeeze(1))
+    if len(samples) < config.batch_size:
+        raise RecoverLoraError(f"{len(samples)} usable samples is fewer than --batch-size={config.batch_size}")
+    return samples
+
+
+def samples_fingerprint(samples) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(samples.input_ids.numpy().tobytes())
+    digest.update(samples.loss_mask.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def wrap_with_lora(student, config: TrainConfig, modules: list[str]):
+    """peft LoRA on exactly these modules; B starts at 0, so the output equals the base model."""
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(student, lora_config)
+
+
+class TeacherSignal:
+    """The teacher's side of the KL: full logits on the fly, or a precomputed top-k cache."""
+
+    def __init__(self, teacher, topk: tuple[torch.Tensor, torch.Tensor] | None):
+        self.teacher, self.topk = teacher, topk
+
+    def kl(self, ids, rows, batch_index, student_rows, loss_config, autocast):
+        if self.topk is not None:
+            values, top_ids = self.topk[0][batch_index], self.topk[1][batch_index]
+            device = student_rows.device
+            return topk_kl_loss(values[rows.cpu()].to(device), top_ids[rows.cpu()].long().to(device), student_rows, loss_config)
+        with torch.no_grad(), autocast:
+            teacher_logits = self.teacher(input_ids=ids).logits
+        return kl_loss(teacher_logits[rows], student_rows, loss_config)
+
+
+def step_loss(model, signal: TeacherSignal | None, ids, mask, batch_index, loss_config: LossConfig, autocast):
+    """(total loss, {"kl": ..., "ce": ...}) of one batch."""
+    with autocast:
+        logits = model(input_ids=ids).logits
+    parts = {}
+    total = torch.zeros((), device=ids.device)
+    if loss_config.kl_weight > 0:
+        parts["kl"] = signal.kl(ids, mask, batch_index, logits[mask], loss_config, autocast)
+        total = total + loss_config.kl_weight * parts["kl"]
+    if loss_config.ce_weight > 0:
+        ce_rows, targets = next_token_rows(ids, mask)
+        parts["ce"] = cross_entropy_loss(logits[ce_rows], targets) if targets.numel() else torch.zeros((), device=ids.device)
+        total = total + loss_config.ce_weight * parts["ce"]
+    return total, parts
+
+
+def _prepare_run_dir(config: TrainConfig) -> None:
+    run_dir = config.output
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecoverLoraError(f"--output {run_dir} is a file; give a folder for the run")
+    existing = (run_dir / ckpt.CHECKPOINT_FILE).exists() or (run_dir / SUMMARY_FILE).exists()
+    if config.resume:
+        return
+    if existing and not config.force:
+        raise RecoverLoraError(f"{run_dir} already holds a run; pass --resume to continue it or --force to start over")
+    if existing:
+        for name in (ckpt.CHECKPOINT_FILE, LOG_FILE, SUMMARY_FILE, ADAPTER_GGUF, "teacher_topk.safetensors"):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def save_adapter(model, run_dir: Path) -> Path:
+    """peft's save_pretrained into run_dir/adapter, via a temporary folder and a rename."""
+    final, tmp = run_dir / ADAPTER_DIR, run_dir / f".{ADAPTER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
+    """Train a Recover-LoRA adapter and export it; resumable, stops on a non-finite loss.
+
+    Example:
+        result = train(TrainConfig(base="smollm2.gateup.gguf", samples="runs/synth", output="runs/demo"))
+        result.adapter_gguf  # runs/demo/adapter.gguf, for llama.cpp's --lora
+    """
+    from tqdm.auto import tqdm
+
+    from recover_lora.recovery.adapter_gguf import write_adapter_gguf
+    from recover_lora.recovery.student import build_student, build_teacher, check_teacher_matches, target_module_names
+    from recover_lora.recovery.teacher_cache import load_or_build_topk
+
+    hooks = hooks or TrainHooks()
+    _prepare_run_dir(config)
+    run_dir = config.output
+    device = pick_device(config.device)
+    autocast = autocast_for(device)
+    loss_config = config.loss_config()
+
+    samples = load_training_samples(config)
+    student, info = build_student(config.base)
+    modules = target_module_names(info, config.targets)  # fails before the teacher is loaded
+    teacher = None
+    if loss_config.kl_weight > 0:
+        teacher, teacher_config = build_teacher(config.teacher)
+        check_teacher_matches(teacher_config, info)
+        teacher.to(device)
+    vocab = info.config.vocab_size
+    if int(samples.input_ids.max()) >= vocab:
+        raise RecoverLoraError(f"the training tokens reach id {int(samples.input_ids.max())} but the model's vocabulary has {vocab}")
+    trajectory = config.trajectory() | {"samples_fingerprint": samples_fingerprint(samples)}
+
+    torch.manual_seed(config.seed)  # LoRA A's initialisation
+    student.config._name_or_path = str(config.base)
+    model = wrap_with_lora(student, config, modules).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = len(samples) // config.batch_size
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, config.warmup_steps, config.min_lr_ratio)
+    )
+
+    signal = None
+    if teacher is not None:
+        topk = None
+        if config.top_k is not None:
+            topk = load_or_build_topk(run_dir, teacher, samples, config, device, autocast, trajectory["samples_fingerprint"])
+            teacher = None  # free it: the cache replaces it
+        signal = TeacherSignal(teacher, topk)
+
+    start_step, metrics = 0, {}
+    log_path = run_dir / LOG_FILE
+    if config.resume:
+        state = ckpt.load_checkpoint(run_dir, trajectory)
+        start_step, metrics = ckpt.restore(state, model, optimizer, scheduler), state["metrics"]
+        _truncate_log(log_path, start_step)
+    else:
+        torch.manual_seed(config.seed + 1)  # dropout's stream, identical whether or not we resume later
+    (run_dir / "run_config.json").write_text(json.dumps(trajectory | {"total_steps": total_steps, "device": str(device),
+                                                                       "target_modules": modules}, indent=2) + "\n")
+
+    model.train()
+    tokens_per_step = config.batch_size * samples.seq_len
+    last_checkpoint = start_step if config.resume else None
+    bar = tqdm(total=total_steps, initial=start_step, disable=not config.progress, desc="train", unit="step")
+    started, log = time.perf_counter(), open(log_path, "a")
+    try:
+        for step in range(start_step, total_steps):
+            step_started = time.perf_counter()
+            index = batch_rows(step, len(samples), config.batch_size, config.seed)
+            ids, mask = samples.input_ids[index].to(device), samples.loss_mask[index].to(device)
+            loss, parts = step_loss(model, signal, ids, mask, index, loss_config, autocast)
+            if hooks.loss_hook is not None:
+                loss = hooks.loss_hook(step, loss)
+            if not torch.isfinite(loss):
+                _stop_non_finite("loss", loss.item(), step, run_dir, last_checkpoint)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            if not torch.isfinite(grad_norm):
+                _stop_non_finite("gradient norm", float(grad_norm), step, run_dir, last_checkpoint)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - step_started
+            metrics = {
+                "step": step + 1,
+                "loss": loss.item(),
+                **{name: value.item() for name, value in parts.items()},
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": tokens_per_step / elapsed,
+            }
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "kl", "ce", "tokens_per_s") if k in metrics}, refresh=False)
+            bar.update(1)
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == total_steps:
+                ckpt.save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, trajectory, metrics)
+                last_checkpoint = step + 1
+            if hooks.after_step is not None:
+                hooks.after_step(step + 1)
+    finally:
+        bar.close()
+        log.close()
+
+    adapter_dir = save_adapter(model, run_dir)
+    write_adapter_gguf(adapter_dir, config.base, run_dir / ADAPTER_GGUF, dtype=config.adapter_dtype, force=True)
+    summary = {
+        "steps": total_steps,
+        "resumed_from": start_step,
+        "train_seconds_this_session": time.perf_counter() - started,
+        "tokens_per_step": tokens_per_step,
+        "samples": len(samples),
+        "final": metrics,
+        "target_modules": modules,
+        "adapter_dir": str(adapter_dir),
+        "adapter_gguf": str(run_dir / ADAPTER_GGUF),
+    }
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return TrainResult(
+        run_dir=run_dir,
+        adapter_dir=adapter_dir,
+        adapter_gguf=run_dir / ADAPTER_GGUF,
+        steps=total_steps,
+        resumed_from=start_step,
+        metrics=metrics,
+        target_tensors=modules,
+    )
+
+
+def _stop_non_finite(what: str, value: float, step: int, run_dir: Path, last_checkpoint: int | None) -> None:
+    kept = (
+        f"the last good checkpoint (step {last_checkpoint}) is kept in {run_dir / ckpt.CHECKPOINT_FILE}"
+        if last_checkpoint
+        else "no checkpoint had been written yet"
+    )
+    raise RecoverLoraError(
+        f"training stopped: {what} is {value} at step {step + 1}; {kept}; lower --lr (or --grad-clip) and "
+        f"start over with --force"
+    )

@@ -1,0 +1,148 @@
+"""Teacher and student models, and which of the student's linears get LoRA.
+
+The student *is* the deployed model: every tensor of the quantized GGUF dequantized with
+`gguf.quants.dequantize` (via `export.gguf_io.read_gguf`, which also undoes llama.cpp's q/k
+rotary permutation), padding included. The teacher is the full-precision source model.
+Padding changes widths but never the vocabulary, so teacher and student logits compare directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+
+from recover_lora.errors import RecoverLoraError
+from recover_lora.export.model import ModelConfig, hf_module_name
+from recover_lora.export.policy import BLOCK_LINEARS, is_block_linear
+
+# "low-bit" targets: block linears stored at fewer than this many bits per weight (Q2_K is 2.625,
+# IQ2_*/IQ1_*/TQ* lower; Q3_K is 3.4375), i.e. the 2-bit tensors of a `gateup` export.
+LOW_BIT_MAX_BITS_PER_WEIGHT = 3.0
+TARGET_CHOICES = "'low-bit' (the 2-bit linears), 'all' (every quantized linear), or llama.cpp linear names like 'ffn_gate,ffn_up'"
+
+
+def bits_per_weight(ggml_type: gguf.GGMLQuantizationType) -> float:
+    block_size, block_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
+    return 8.0 * block_bytes / block_size
+
+
+def is_quantized(ggml_type: gguf.GGMLQuantizationType) -> bool:
+    return ggml_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+
+
+@dataclass
+class StudentInfo:
+    """What the student was built from: the GGUF, its config and every tensor's ggml type."""
+
+    gguf_path: Path
+    config: ModelConfig
+    gguf_arch: str
+    tensor_types: dict[str, gguf.GGMLQuantizationType]  # GGUF tensor name -> type
+    unpadded: dict[str, int] | None = None
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # GGUF name -> (out, in)
+
+    def block_linears(self) -> list[str]:
+        return [name for name in self.tensor_types if is_block_linear(name)]
+
+
+def read_student_info(gguf_path: str | Path) -> StudentInfo:
+    """Config and tensor types of a GGUF, without dequantizing anything."""
+    from recover_lora.export.gguf_io import UNPADDED_KEY_PREFIX, config_from_gguf, field_value, open_gguf
+
+    reader = open_gguf(gguf_path)
+    config = config_from_gguf(reader)
+    unpadded = {}
+    for key in reader.fields:
+        if key.startswith(UNPADDED_KEY_PREFIX):
+            unpadded[key[len(UNPADDED_KEY_PREFIX):]] = int(field_value(reader, key))
+    return StudentInfo(
+        gguf_path=Path(gguf_path),
+        config=config,
+        gguf_arch=field_value(reader, gguf.Keys.General.ARCHITECTURE),
+        tensor_types={t.name: gguf.GGMLQuantizationType(int(t.tensor_type)) for t in reader.tensors},
+        unpadded=unpadded or None,
+        tensor_shapes={t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors},
+    )
+
+
+def build_student(gguf_path: str | Path, dtype=None):
+    """The deployed model in torch: (transformers *ForCausalLM, StudentInfo).
+
+    Example:
+        student, info = build_student("smollm2.gateup.gguf")
+        info.tensor_types["blk.0.ffn_gate.weight"]  # GGMLQuantizationType.Q2_K
+    """
+    import torch
+
+    from recover_lora.export.gguf_io import read_gguf
+    from recover_lora.export.torch_model import to_hf_model
+
+    info = read_student_info(gguf_path)
+    model = to_hf_model(read_gguf(gguf_path), dtype=dtype or torch.float32)
+    model.eval()
+    return model, info
+
+
+def build_teacher(source: str | Path | None, dtype=None):
+    """The full-precision model (HF folder, GGUF, or None = the default model) in torch."""
+    import torch
+
+    from recover_lora.export.sources import load_model
+    from recover_lora.export.torch_model import to_hf_model
+
+    weights = load_model(source)
+    model = to_hf_model(weights, dtype=dtype or torch.float32)
+    model.eval()
+    return model, weights.config
+
+
+def check_teacher_matches(teacher_config: ModelConfig, info: StudentInfo) -> None:
+    """Refuse a teacher that cannot be the source of the student GGUF (before any training)."""
+    student = info.config
+    checks = [(key, getattr(teacher_config, key), getattr(student, key)) for key in ("model_type", "vocab_size", "num_layers")]
+    # Width padding changes these; the GGUF records their values before padding.
+    for key in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads"):
+        unpadded = (info.unpadded or {}).get(key)
+        checks.append((key, getattr(teacher_config, key), unpadded if unpadded is not None else getattr(student, key)))
+    for what, teacher_value, student_value in checks:
+        if teacher_value != student_value:
+            raise RecoverLoraError(
+                f"teacher {what}={teacher_value} but the student GGUF {info.gguf_path.name} has {student_value}; "
+                f"pass the model the GGUF was exported from as --teacher"
+            )
+
+
+def target_tensor_names(info: StudentInfo, targets: str = "low-bit") -> list[str]:
+    """GGUF names of the linears that get LoRA.
+
+    targets: "low-bit" (block linears below 3 bits/weight, e.g. Q2_K gate/up of a gateup export),
+    "all" (every quantized block linear), or a comma list of llama.cpp linear kinds
+    ("ffn_gate,ffn_up", "attn_q", ...).
+    """
+    linears = info.block_linears()
+    if targets == "low-bit":
+        chosen = [n for n in linears if bits_per_weight(info.tensor_types[n]) < LOW_BIT_MAX_BITS_PER_WEIGHT]
+        if not chosen:
+            found = sorted({info.tensor_types[n].name for n in linears})
+            raise RecoverLoraError(
+                f"{info.gguf_path.name} has no linear below {LOW_BIT_MAX_BITS_PER_WEIGHT:g} bits/weight "
+                f"(types found: {', '.join(found)}); use --targets all or name the linears, e.g. --targets ffn_gate,ffn_up"
+            )
+        return chosen
+    if targets == "all":
+        chosen = [n for n in linears if is_quantized(info.tensor_types[n])]
+        if not chosen:
+            raise RecoverLoraError(f"{info.gguf_path.name} has no quantized linear; LoRA recovery needs a quantized GGUF")
+        return chosen
+    kinds = [k.strip() for k in targets.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in BLOCK_LINEARS]
+    if not kinds or unknown:
+        raise RecoverLoraError(f"--targets {targets!r} is not valid; use {TARGET_CHOICES} (kinds: {', '.join(BLOCK_LINEARS)})")
+    return [n for n in linears if n.split(".")[2] in kinds]
+
+
+def target_module_names(info: StudentInfo, targets: str = "low-bit") -> list[str]:
+    """Torch module names for peft, e.g. ['model.layers.0.mlp.gate_proj', ...]."""
+    return [hf_module_name(n) for n in target_tensor_names(info, targets)]
