@@ -9,7 +9,6 @@ get the type the policy asked for (llama.cpp only warns when it falls back).
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import re
 import tempfile
@@ -90,14 +89,8 @@ def llama_cpp_quantize(src: Path, dst: Path, types: dict[str, gguf.GGMLQuantizat
     params.allow_requantize = True
     params.pure = False  # overrides are ignored in pure mode
     params.tt_overrides = overrides
-    # llama.cpp logs a line per tensor; keep its warnings and errors only.
-    logger = logging.getLogger("llama-cpp-python")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    finally:
-        logger.setLevel(level)
+    # llama.cpp logs a line per tensor to stderr (its own logger); the type check below is what counts.
+    status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if status != 0 or not dst.is_file():
         raise RecoverLoraError(f"llama.cpp failed to quantize {src} (status {status}); see its log above")
 
