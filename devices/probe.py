@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -28,54 +27,14 @@ import numpy as np
 
 from recover_lora.devices.profiles import GB, TFLOP, DeviceProfile
 from recover_lora.errors import RecoverLoraError
+from recover_lora.runtime.fingerprint import cpu_model, ram_bytes
 
 MiB = 1 << 20
 _TRIAD_CHUNK_ELEMENTS = 32 * 1024  # 256 KiB of float64: stays in L2 between the two passes
 
 
-def _read_text(path: str) -> str | None:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:
-        return None
-
-
-def _sysctl(name: str) -> str | None:
-    try:
-        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
-
-
-def _cpu_model() -> str | None:
-    # Same lookup order as runtime/fingerprint.py, so probe profiles and bench records match.
-    if platform.system() == "Darwin":
-        return _sysctl("machdep.cpu.brand_string")
-    cpuinfo = _read_text("/proc/cpuinfo")
-    if cpuinfo:
-        for key in ("model name", "Hardware", "Processor", "cpu model"):
-            for line in cpuinfo.splitlines():
-                if line.split(":")[0].strip() == key and ":" in line:
-                    return line.split(":", 1)[1].strip()
-    board = _read_text("/sys/firmware/devicetree/base/model")  # Raspberry Pi, Jetson
-    if board:
-        return board.strip("\x00\n ")
-    return platform.processor() or None
-
-
-def _ram_bytes() -> int | None:
-    if platform.system() == "Darwin":
-        value = _sysctl("hw.memsize")
-        return int(value) if value and value.isdigit() else None
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 # The fields that set a machine's speed, under the key names bench records use
-# (runtime/fingerprint.py's device_fingerprint()): data flows runtime -> devices by file only.
+# (runtime/fingerprint.py's device_fingerprint(), whose lookups the probe shares).
 MACHINE_KEYS = ("cpu_model", "cpu_cores_logical", "ram_bytes")
 
 
@@ -86,9 +45,9 @@ def fingerprint() -> dict[str, object]:
         fingerprint()["cpu_model"]   # 'AMD EPYC'
     """
     return {
-        "cpu_model": _cpu_model() or "unknown",
+        "cpu_model": cpu_model() or "unknown",
         "cpu_cores_logical": os.cpu_count() or 1,
-        "ram_bytes": _ram_bytes() or 0,
+        "ram_bytes": ram_bytes() or 0,
         "platform": platform.platform(),
         "machine": platform.machine(),
     }
