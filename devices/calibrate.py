@@ -10,7 +10,6 @@ the measured GateUp/W4 ratio next to the predicted one.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
@@ -18,6 +17,7 @@ from statistics import median
 from recover_lora.devices.probe import same_machine
 from recover_lora.devices.profiles import GB, DeviceProfile
 from recover_lora.errors import RecoverLoraError
+from recover_lora.fileio import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -71,13 +71,7 @@ def read_records(folder: Path) -> list[BenchRecord]:
         raise RecoverLoraError(f"results folder {folder} does not exist; run `recover-lora bench` first (or pass --results)")
     records: list[BenchRecord] = []
     for path in sorted(folder.rglob("*.jsonl")):
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecoverLoraError(f"{path}:{number} is not JSON ({e.msg}); remove or fix that line") from None
+        for number, raw in read_jsonl(path):
             record = parse_record(raw, f"{path.name}:{number}") if isinstance(raw, dict) else None
             if record is not None:
                 records.append(record)

@@ -16,10 +16,6 @@ ACCURACY_PLOT = "accuracy.png"
 SPEED_PLOT = "tokens_per_s.png"
 
 
-def _read_bench(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def recovered_fraction(teacher: float, quantized: float, recovered: float) -> float | None:
     """Share of the teacher-to-quantized gap the adapter closes (None when there is no gap)."""
     gap = quantized - teacher
@@ -150,13 +146,14 @@ def write_report(pipeline, commands: list[str]) -> Path:
     """Write report.md, report.html and the plots into the pipeline's folder."""
     import markdown
 
+    from recover_lora.runtime.bench import read_records
     from recover_lora.runtime.compare import compare_results, format_markdown
 
     out = pipeline.out
     steps = pipeline.manifest.steps
     meta = pipeline.manifest.meta
     comparison = compare_results([pipeline.path["eval"] / f"{label}.json" for label in ("teacher", "w4", "gateup", "gateup+adapter")])
-    records = _read_bench(pipeline.path["bench"])
+    records = read_records(pipeline.path["bench"])
     roofline = json.loads(pipeline.path["roofline"].read_text())
     rows = speed_rows(records, roofline)
     plot_accuracy(comparison, out / ACCURACY_PLOT)

@@ -49,7 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from recover_lora.errors import RecoverLoraError
-from recover_lora.fileio import atomic_output, sha256_file
+from recover_lora.fileio import atomic_output, read_jsonl, sha256_file
 from recover_lora.runtime.fingerprint import device_fingerprint, load_average
 from recover_lora.runtime.llama import LlamaOptions, LoadedModel, check_files, load_llama
 
@@ -375,13 +375,7 @@ def append_records(path: str | os.PathLike, records: Sequence[dict]) -> Path:
 def read_records(path: str | os.PathLike) -> list[dict]:
     """Every valid record of a results file; a line of another schema version is an error."""
     records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecoverLoraError(f"{path}:{number} is not JSON ({e.msg}); remove or fix that line") from None
+    for _, record in read_jsonl(path):
         validate_record(record)
         records.append(record)
     return records
