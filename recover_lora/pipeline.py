@@ -47,6 +47,7 @@ class PipelinePreset:
     bench_n_gen: int
     roofline_contexts: tuple[int, ...]
     synth_batch_size: int
+    probe_array_mib: int = 256  # STREAM arrays of the bandwidth probe: far larger than any cache
 
 
 PIPELINE_PRESETS = {
@@ -60,6 +61,12 @@ PIPELINE_PRESETS = {
     "paper": PipelinePreset(
         name="paper", eval_tasks="paper12", eval_limit=1000, heldout_tokens=32768, bench_depths=(0, 512, 2048, 4096),
         bench_repeats=5, bench_n_gen=64, roofline_contexts=(0, 1024, 4096, 16384, 32768), synth_batch_size=128,
+    ),
+    # Seconds, not minutes: checks the wiring on any model (and is what the tests run on stories260K).
+    # Its numbers mean nothing.
+    "smoke": PipelinePreset(
+        name="smoke", eval_tasks="quick3", eval_limit=4, heldout_tokens=512, bench_depths=(0,), bench_repeats=1,
+        bench_n_gen=4, roofline_contexts=(0, 256), synth_batch_size=8, probe_array_mib=16,
     ),
 }
 
@@ -128,17 +135,20 @@ class Manifest:
         self.path = out_dir / MANIFEST_FILE
         self.out_dir = out_dir
         self.steps: dict[str, StepRecord] = {}
+        self.started: dict[str, str] = {}  # step -> inputs digest of a run that has not finished (yet)
         self.meta: dict = {}
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text())
                 self.steps = {name: StepRecord(**record) for name, record in data["steps"].items()}
+                self.started = dict(data.get("started", {}))
                 self.meta = data.get("meta", {})
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise RecoverLoraError(f"{self.path} is corrupt ({e}); delete it or pass --force all") from None
 
     def save(self) -> None:
-        data = {"version": MANIFEST_VERSION, "meta": self.meta, "steps": {k: asdict(v) for k, v in self.steps.items()}}
+        data = {"version": MANIFEST_VERSION, "meta": self.meta, "started": self.started,
+                "steps": {k: asdict(v) for k, v in self.steps.items()}}
         with atomic_output(self.path, force=True) as tmp:
             tmp.write_text(json.dumps(data, indent=2))
 
@@ -155,6 +165,19 @@ class Manifest:
 
 def digest_of(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_eval(path: Path, settings=None) -> dict | None:
+    """The results in `path` if that eval finished (with `settings`, when given), else None."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not result.get("complete"):
+        return None
+    if settings is not None and result.get("identity") != json.loads(json.dumps(settings.identity())):
+        return None
+    return result
 
 
 def say(message: str) -> None:
@@ -191,7 +214,13 @@ class Pipeline:
             record = self.manifest.steps[name]
             say(f"[{name}] up to date, skipped ({record.summary.get('line', '')})")
             return record.summary
-        say(f"[{name}] running ...")
+        # A step that was started with these same inputs and killed may continue its own checkpoint;
+        # anything else (new inputs, --force) starts that step over.
+        self.resuming = not self.config.forced(name) and self.manifest.started.get(name) == digest
+        self.manifest.steps.pop(name, None)
+        self.manifest.started[name] = digest
+        self.manifest.save()
+        say(f"[{name}] {'resuming' if self.resuming else 'running'} ...")
         start = time.perf_counter()
         summary = action()
         hashes = self.manifest.hashes(outputs)
@@ -200,6 +229,7 @@ class Pipeline:
             raise RecoverLoraError(f"step {name} did not write {missing[0]}")
         seconds = round(time.perf_counter() - start, 1)
         self.manifest.steps[name] = StepRecord(digest, hashes, seconds, summary)
+        self.manifest.started.pop(name, None)
         self.manifest.save()
         say(f"[{name}] done in {seconds:.0f} s: {summary.get('line', '')}")
         return summary
@@ -243,8 +273,8 @@ class Pipeline:
         outputs = [folder / "samples.safetensors", folder / "manifest.json"]
 
         def action() -> dict:
-            forced = self.config.forced("synth") or (folder / "manifest.json").exists()
-            manifest = synthesize(self.config.model, folder, self.config.device, resume=not forced, force=forced, progress=True, **settings)
+            manifest = synthesize(self.config.model, folder, self.config.device, resume=self.resuming, force=not self.resuming,
+                                  progress=True, **settings)
             counts = manifest["counts"]
             return {"line": f"{counts['n_samples']} x {counts['seq_len']} tokens, duplicate rate {manifest['duplicate_rate']:.2%}",
                     "manifest": manifest}
@@ -260,9 +290,9 @@ class Pipeline:
         inputs = {"settings": settings, **self._hash(self.path["gateup"], self.path["synth"] / "samples.safetensors")}
 
         def action() -> dict:
-            forced = self.config.forced("train") or self.manifest.steps.get("train") is not None
+            resume = self.resuming and (run_dir / "checkpoint.pt").is_file()
             result = train(TrainConfig(base=self.path["gateup"], output=run_dir, samples=self.path["synth"],
-                                       teacher=self.config.model, resume=not forced, force=forced, **settings))
+                                       teacher=self.config.model, resume=resume, force=not resume, **settings))
             metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}
             return {"line": f"{result.steps} steps, last KL {metrics.get('kl', float('nan')):.3f}",
                     "steps": result.steps, "metrics": metrics, "targets": result.target_tensors}
@@ -312,7 +342,12 @@ class Pipeline:
                 settings = EvalSettings(backend=backend, model=str(model) if model else self.config.model,
                                         lora=str(lora) if lora else None, tasks=self.preset.eval_tasks,
                                         limit=self.preset.eval_limit, label=label, threads=self.config.threads)
-                result = run_eval(settings, folder / f"{label}.json", force=self.config.forced("eval"), progress=say)
+                path = folder / f"{label}.json"
+                # A killed eval keeps the variants it finished, and run_eval resumes a partial file task by task.
+                result = finished_eval(path, settings) if self.resuming else None
+                if result is None:
+                    stale = finished_eval(path) is not None  # finished, but with other settings
+                    result = run_eval(settings, path, force=not self.resuming or stale, progress=say)
                 values = [t[t["metric"]]["value"] for t in result["tasks"].values()]
                 averages[label] = sum(values) / len(values)
             return {"line": ", ".join(f"{k} {v:.3f}" for k, v in averages.items()), "average_accuracy": averages}
@@ -335,7 +370,8 @@ class Pipeline:
 
         def action() -> dict:
             say("[bench] probing this machine's memory bandwidth and llama.cpp's rates ...")
-            profile, stream, _ = probe(name="host", gguf_path=self.path["w4"], threads=self.config.threads)
+            profile, stream, _ = probe(name="host", gguf_path=self.path["w4"], threads=self.config.threads,
+                                     array_mib=self.preset.probe_array_mib)
             with atomic_output(self.path["host"], force=True) as tmp:
                 tmp.write_text(profile_toml(profile))
             config = BenchConfig(depths=self.preset.bench_depths, repeats=self.preset.bench_repeats,

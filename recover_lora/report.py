@@ -60,9 +60,11 @@ def speed_rows(records: list[dict], roofline: dict) -> list[dict]:
         tg, pp = record["tg_tokens_per_s"], record["pp_tokens_per_s"]
         ratio = record["ratio_vs_baseline"]["tg"] if record.get("ratio_vs_baseline") else None
         predicted = predictions.get(label, {}).get(depth)
+        baseline = predictions.get("w4", {}).get(depth)
         rows.append({
             "label": label, "depth": depth, "tg_median": tg["median"], "tg_min": tg["min"], "tg_max": tg["max"],
             "pp_median": pp["median"], "ratio": ratio, "predicted": predicted,
+            "predicted_ratio": predicted / baseline if predicted and baseline else None,
             "load_average": record.get("load_average"),
         })
     return rows
@@ -76,16 +78,17 @@ def speed_section(rows: list[dict], records: list[dict]) -> list[str]:
         f"tokens and {first['n_prompt']}-token prompts, {settings['threads']} threads, at each KV-cache depth. "
         "Ratios are per-repeat decode ratios to w4 (median, min–max). Predicted: the roofline model on this machine's probed profile.",
         "",
-        "| variant | depth | decode tok/s (median, min–max) | prefill tok/s | decode vs w4 | roofline decode tok/s | measured / predicted |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | depth | decode tok/s (median, min–max) | prefill tok/s | decode vs w4 | roofline decode tok/s | roofline vs w4 | measured / predicted |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         ratio = "—" if row["ratio"] is None else f"{row['ratio']['median']:.3f} ({row['ratio']['min']:.2f}–{row['ratio']['max']:.2f})"
         predicted = "—" if row["predicted"] is None else f"{row['predicted']:.1f}"
         fraction = "—" if row["predicted"] is None else f"{row['tg_median'] / row['predicted']:.2f}"
+        predicted_ratio = "—" if row["predicted_ratio"] is None or row["label"] == "w4" else f"{row['predicted_ratio']:.3f}"
         lines.append(
             f"| {row['label']} | {row['depth']} | {row['tg_median']:.1f} ({row['tg_min']:.1f}–{row['tg_max']:.1f}) | "
-            f"{row['pp_median']:.0f} | {ratio} | {predicted} | {fraction} |"
+            f"{row['pp_median']:.0f} | {ratio} | {predicted} | {predicted_ratio} | {fraction} |"
         )
     loads = [r["load_average"][0] for r in rows if r.get("load_average")]
     if loads:
@@ -104,9 +107,9 @@ def plot_accuracy(comparison, out_path: Path) -> None:
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
     for i, label in enumerate(labels):
-        values = [row.values[label].value for row in comparison.rows]
-        errors = [[v - row.values[label].low for v, row in zip(values, comparison.rows)],
-                  [row.values[label].high - v for v, row in zip(values, comparison.rows)]]
+        values = [row.scores[label].value for row in comparison.rows]
+        errors = [[v - row.scores[label].low for v, row in zip(values, comparison.rows)],
+                  [row.scores[label].high - v for v, row in zip(values, comparison.rows)]]
         ax.bar([t + (i - (len(labels) - 1) / 2) * width for t in range(len(tasks))], values, width, yerr=errors, capsize=2, label=label)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("accuracy (95 % CI)")

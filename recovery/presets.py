@@ -41,6 +41,14 @@ PRESETS: dict[str, Preset] = {
         synth_seq_len=256,
         train=dict(rank=64, alpha=128.0, lr=5e-4, batch_size=32, epochs=2.0, warmup_steps=30, checkpoint_every=100),
     ),
+    # Seconds on any model: checks that every stage runs end to end; the result means nothing.
+    "smoke": Preset(
+        name="smoke",
+        description="a wiring check in seconds: 8 x 32 synthetic tokens, r4 LoRA, 4 steps of 2",
+        synth_samples=8,
+        synth_seq_len=32,
+        train=dict(rank=4, alpha=8.0, lr=1e-3, batch_size=2, max_steps=4, warmup_steps=0, checkpoint_every=2),
+    ),
 }
 
 
