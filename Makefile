@@ -25,11 +25,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# The whole method on the default model, cpu-demo preset (well under an hour on 2 CPU cores);
+# rerunning resumes or skips what is already done (`recover-lora pipeline --force STEP` redoes a step).
 demo: $(STAMP)
-	$(RL) export --policy w4 -o $(OUT)/smollm2.w4.gguf --force
-	$(RL) export --policy gateup -o $(OUT)/smollm2.gateup.gguf --force
-	$(RL) run $(OUT)/smollm2.w4.gguf -p "The three primary colors are" -n 40 --temp 0
-	$(RL) run $(OUT)/smollm2.gateup.gguf -p "The three primary colors are" -n 40 --temp 0
+	$(RL) pipeline --preset cpu-demo --out $(OUT)/cpu-demo
+	@echo "report: $(OUT)/cpu-demo/report.md (and report.html)"
 
 bench: bench-export
 

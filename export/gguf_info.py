@@ -31,6 +31,10 @@ class GGUFSummary:
     tensors: list[TensorSummary]
     unpadded: dict[str, int]
 
+    @property
+    def n_weights(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
     def count_by_type(self) -> dict[str, int]:
         return dict(Counter(t.ggml_type for t in self.tensors))
 
@@ -78,9 +82,15 @@ def summarize_gguf(path: str | Path) -> GGUFSummary:
     Example:
         summarize_gguf("smollm2.gateup.gguf").count_by_type()   # {'Q2_K': 60, 'Q4_K': 150, ...}
     """
-    from recover_lora.export.gguf_io import UNPADDED_KEY_PREFIX, field_value, open_gguf
+    from recover_lora.export.gguf_io import open_gguf
 
-    reader = open_gguf(path)
+    return summary_from_reader(open_gguf(path), path)
+
+
+def summary_from_reader(reader: gguf.GGUFReader, path: str | Path) -> GGUFSummary:
+    """The summary of an already opened GGUF (for callers that check the file their own way first)."""
+    from recover_lora.export.gguf_io import UNPADDED_KEY_PREFIX, field_value
+
     tensors = [
         TensorSummary(
             name=t.name,

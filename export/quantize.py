@@ -9,6 +9,7 @@ get the type the policy asked for (llama.cpp only warns when it falls back).
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
 import tempfile
@@ -21,7 +22,7 @@ from recover_lora.errors import RecoverLoraError
 from recover_lora.export.model import ModelWeights, gguf_name
 from recover_lora.export.pad import K_QUANT_BLOCK, linear_row_widths, needs_padding, pad_model
 from recover_lora.export.policy import Policy, is_quantizable
-from recover_lora.fileio import atomic_output, check_output
+from recover_lora.fileio import atomic_output, check_output, native_stderr_to
 
 PAD_MODES = ("auto", "none")
 # Above this many parameters the intermediate full-precision file is F16, not F32 (disk and time).
@@ -72,8 +73,13 @@ def plan_types(weights: ModelWeights, policy: Policy, pad: str) -> tuple[ModelWe
     return weights, types
 
 
-def llama_cpp_quantize(src: Path, dst: Path, types: dict[str, gguf.GGMLQuantizationType], threads: int | None = None) -> None:
-    """Run llama.cpp's quantizer with one anchored override per tensor."""
+def llama_cpp_quantize(
+    src: Path, dst: Path, types: dict[str, gguf.GGMLQuantizationType], threads: int | None = None, log_path: Path | None = None
+) -> None:
+    """Run llama.cpp's quantizer with one anchored override per tensor.
+
+    Its log (a line per tensor) goes to `log_path` (default: beside `dst`), which is kept only if it fails.
+    """
     import llama_cpp
 
     overrides = (llama_cpp.llama_model_tensor_override * (len(types) + 1))()
@@ -89,10 +95,22 @@ def llama_cpp_quantize(src: Path, dst: Path, types: dict[str, gguf.GGMLQuantizat
     params.allow_requantize = True
     params.pure = False  # overrides are ignored in pure mode
     params.tt_overrides = overrides
-    # llama.cpp logs a line per tensor to stderr (its own logger); the type check below is what counts.
-    status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    # llama.cpp logs every tensor it converts; that goes to a log file, kept only if quantizing fails
+    # (the type check after this call is what proves the result).
+    log_path = log_path or dst.with_name(dst.name + ".quantize.log")
+    # llama-cpp-python's callback drops lines below its logger's level (ERROR once any Llama(verbose=False)
+    # was made); the log should be whole.
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        with native_stderr_to(log_path):
+            status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        logger.setLevel(level)
     if status != 0 or not dst.is_file():
-        raise RecoverLoraError(f"llama.cpp failed to quantize {src} (status {status}); see its log above")
+        raise RecoverLoraError(f"llama.cpp failed to quantize {src} (status {status}); its log is {log_path}")
+    log_path.unlink()
 
 
 def check_types(path: Path, expected: dict[str, gguf.GGMLQuantizationType]) -> dict[str, str]:
@@ -143,6 +161,6 @@ def export_model(
         full_precision = Path(work_dir) / "full-precision.gguf"
         write_gguf(padded_weights, full_precision, dtype=work_dtype)
         with atomic_output(out_path, force=force) as tmp:
-            llama_cpp_quantize(full_precision, tmp, types, threads)
+            llama_cpp_quantize(full_precision, tmp, types, threads, log_path=out_path.with_name(out_path.name + ".quantize.log"))
             written = check_types(tmp, types)
     return ExportResult(path=out_path, policy=policy.name, padded=padded_weights is not weights, types=written)

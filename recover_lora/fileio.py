@@ -1,4 +1,7 @@
-"""Writing outputs safely: to a temporary file beside the target, then an atomic rename."""
+"""Writing outputs safely: to a temporary file beside the target, then an atomic rename.
+
+Also: `native_stderr_to`, which keeps C libraries' (llama.cpp's) own logging out of the terminal.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -56,10 +60,35 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) for every non-blank line; a line that is not JSON is a one-line error."""
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as e:
             raise RecoverLoraError(f"{path}:{number} is not JSON ({e.msg}); remove or fix that line") from None
+
+
+@contextlib.contextmanager
+def native_stderr_to(log_path: str | os.PathLike) -> Iterator[Path]:
+    """Send llama.cpp's logging (and anything else on stderr) into `log_path` meanwhile.
+
+    llama.cpp logs through llama-cpp-python's callback, which prints to Python's `sys.stderr`,
+    and some messages go straight to file descriptor 2; both are redirected (append mode, so the
+    two handles interleave safely).
+    """
+    log_path = Path(log_path)
+    sys.stderr.flush()
+    saved_fd, saved_stream = os.dup(2), sys.stderr
+    try:
+        with open(log_path, "ab") as log_fd, open(log_path, "a", encoding="utf-8", errors="replace") as log_stream:
+            os.dup2(log_fd.fileno(), 2)
+            sys.stderr = log_stream
+            try:
+                yield log_path
+            finally:
+                sys.stderr = saved_stream
+                log_stream.flush()
+                os.dup2(saved_fd, 2)
+    finally:
+        os.close(saved_fd)

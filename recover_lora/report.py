@@ -96,12 +96,24 @@ def speed_section(rows: list[dict], records: list[dict]) -> list[str]:
     return lines
 
 
-def plot_accuracy(comparison, out_path: Path) -> None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out_path: Path) -> None:
+    fig.tight_layout()
+    with atomic_output(out_path, force=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    _pyplot().close(fig)
+
+
+def plot_accuracy(comparison, out_path: Path) -> None:
+    plt = _pyplot()
     labels = comparison.labels
     tasks = [row.task for row in comparison.rows]
     width = 0.8 / len(labels)
@@ -115,18 +127,11 @@ def plot_accuracy(comparison, out_path: Path) -> None:
     ax.set_ylabel("accuracy (95 % CI)")
     ax.set_title("Accuracy per task and variant")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_output(out_path, force=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save(fig, out_path)
 
 
 def plot_speed(rows: list[dict], roofline: dict, out_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, predictions) in enumerate(roofline["predictions"].items()):
         color = f"C{i}"
@@ -139,10 +144,7 @@ def plot_speed(rows: list[dict], roofline: dict, out_path: Path) -> None:
     ax.set_ylabel("decode tokens/s")
     ax.set_title("Decode speed vs context: measured and predicted")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_output(out_path, force=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save(fig, out_path)
 
 
 def write_report(pipeline, commands: list[str]) -> Path:

@@ -10,12 +10,12 @@ is context only: the loss covers the response (and the EOS that ends it); plain 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from recover_lora.errors import RecoverLoraError
+from recover_lora.fileio import read_jsonl
 
 ROW_FORMATS = (("prompt", "response"), ("question", "answer"))
 PROMPT_SEPARATOR = "\n"  # between a prompt and its response: a plain, template-free pairing
@@ -27,27 +27,20 @@ def read_jsonl_pairs(path: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise RecoverLoraError(f"data file {path} does not exist")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecoverLoraError(f"{path}:{line_number} is not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise RecoverLoraError(f"{path}:{line_number} is not a JSON object")
-            if isinstance(row.get("text"), str):
-                pairs.append(("", row["text"]))
-                continue
-            for prompt_key, response_key in ROW_FORMATS:
-                if isinstance(row.get(prompt_key), str) and isinstance(row.get(response_key), str):
-                    pairs.append((row[prompt_key], row[response_key]))
-                    break
-            else:
-                raise RecoverLoraError(
-                    f"{path}:{line_number} has keys {sorted(row)}; expected 'text', 'prompt'+'response' or 'question'+'answer'"
-                )
+    for line_number, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise RecoverLoraError(f"{path}:{line_number} is not a JSON object")
+        if isinstance(row.get("text"), str):
+            pairs.append(("", row["text"]))
+            continue
+        for prompt_key, response_key in ROW_FORMATS:
+            if isinstance(row.get(prompt_key), str) and isinstance(row.get(response_key), str):
+                pairs.append((row[prompt_key], row[response_key]))
+                break
+        else:
+            raise RecoverLoraError(
+                f"{path}:{line_number} has keys {sorted(row)}; expected 'text', 'prompt'+'response' or 'question'+'answer'"
+            )
     if not pairs:
         raise RecoverLoraError(f"{path} has no rows")
     return pairs

@@ -188,9 +188,9 @@ def _file_info(path: Path, hash_files: bool) -> dict:
 def _describe_variant(variant: Variant, loaded: LoadedModel, config: BenchConfig) -> tuple[dict, dict | None]:
     model = _file_info(variant.model, config.hash_files) | {
         "architecture": loaded.model.architecture,
-        "general_name": loaded.model.metadata.get("general.name"),
+        "general_name": loaded.model.model_name,
         "n_weights": loaded.model.n_weights,
-        "tensor_types": loaded.model.type_counts,
+        "tensor_types": loaded.model.count_by_type(),
     }
     adapter = None
     if loaded.adapter is not None:

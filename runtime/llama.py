@@ -148,7 +148,7 @@ def _close_if_alive(ref) -> None:
 
 def describe(loaded: LoadedModel) -> str:
     """One line for the user: file, adapter, threads, back end."""
-    parts = [f"{Path(loaded.model.path).name} ({loaded.model.architecture}, {loaded.model.size_bytes / 1e6:.0f} MB)"]
+    parts = [f"{Path(loaded.model.path).name} ({loaded.model.architecture}, {loaded.model.file_bytes / 1e6:.0f} MB)"]
     if loaded.adapter is not None:
         parts.append(f"+ {Path(loaded.adapter.path).name} (r={max(loaded.adapter.ranks)}, scale {loaded.options.lora_scale:g})")
     parts.append(f"threads {loaded.options.resolved_threads}")

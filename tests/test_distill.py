@@ -249,3 +249,31 @@ def test_presets_are_valid_training_settings(tmp_path):
         assert cfg.rank == preset.train["rank"] and preset.synth_samples >= cfg.batch_size
     with pytest.raises(RecoverLoraError, match="cpu-demo"):
         get_preset("gpu-demo")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"text": "ok"}\n{not json\n', r"data.jsonl:2 is not JSON"),
+        ('["a", "b"]\n', r"data.jsonl:1 is not a JSON object"),
+        ('{"text": "ok"}\n{"input": "x", "output": "y"}\n', r"data.jsonl:2 has keys \['input', 'output'\]"),
+        ("\n\n", r"data.jsonl has no rows"),
+    ],
+)
+def test_bad_labeled_rows_are_one_line_errors(tmp_path, content, message):
+    from recover_lora.recovery.text_data import read_jsonl_pairs
+
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(RecoverLoraError, match=message) as error:
+        read_jsonl_pairs(path)
+    assert "\n" not in str(error.value)
+
+
+def test_labeled_row_formats(tmp_path):
+    from recover_lora.recovery.text_data import read_jsonl_pairs
+
+    path = tmp_path / "data.jsonl"
+    rows = [{"text": "plain"}, {"prompt": "p", "response": "r"}, {"question": "q", "answer": "a", "id": 3}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_jsonl_pairs(path) == [("", "plain"), ("p", "r"), ("q", "a")]

@@ -37,6 +37,22 @@ def test_gateup_export_pads_and_has_the_asked_types(stories_dir, tmp_path):
     assert not list(tmp_path.glob(".*")), "temporary files left behind"
 
 
+def test_llama_cpp_log_stays_out_of_the_terminal(stories_dir, tmp_path, capfd):
+    export_model(stories_dir, tmp_path / "w4.gguf", "w4")
+    assert "converting to" not in capfd.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4.gguf"]  # no log left after a success
+
+
+def test_quantizer_failure_keeps_its_log_and_says_where(tmp_path):
+    from recover_lora.export.quantize import llama_cpp_quantize
+
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    log = tmp_path / "out.gguf.quantize.log"
+    with pytest.raises(RecoverLoraError, match="llama.cpp failed to quantize .*its log is .*out.gguf.quantize.log"):
+        llama_cpp_quantize(tmp_path / "broken.gguf", tmp_path / "out.gguf", {}, log_path=log)
+    assert log.stat().st_size > 0
+
+
 def test_user_rule_on_top_of_policy(tiny_hf_model, tmp_path):
     rule = TensorTypeRule.parse(r"blk\.0\.ffn_down\.weight=Q8_0")
     result = export_model(tiny_hf_model("qwen2"), tmp_path / "q.gguf", Policy.named("w4", rules=[rule]))

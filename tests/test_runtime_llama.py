@@ -97,8 +97,8 @@ def test_summary_counts_tensor_types(stories_gguf):
     summary = check_model_gguf(stories_gguf)
     assert summary.architecture == "llama"
     # 5 layers x 2 norms + output norm are F32 like the 5 x 7 linears and the embedding (F32 file).
-    assert summary.type_counts == {"F32": 5 * 9 + 2}
-    assert summary.tensor_shapes["blk.0.ffn_up.weight"] == (172, 64)
+    assert summary.count_by_type() == {"F32": 5 * 9 + 2}
+    assert {t.name: t.shape for t in summary.tensors}["blk.0.ffn_up.weight"] == [172, 64]
 
 
 @pytest.mark.parametrize(
