@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -55,7 +56,7 @@ def format_table(rows, shape, profile) -> str:
         f"{shape.name}: {config.model_type}, {config.num_layers} layers, hidden {config.hidden_size}, "
         f"{config.num_heads}/{config.num_kv_heads} heads x {config.head_dim}",
         f"{profile.key} ({profile.name}, {profile.backend}): {profile.bandwidth_bytes_per_s / 1e9:.2f} GB/s "
-        f"({profile.bandwidth_kind} bandwidth), {profile.compute_flop_per_s / 1e12:.3f} TFLOP/s",
+        f"({profile.bandwidth_kind} bandwidth), {profile.compute_flop_per_s / 1e12:.3f} TFLOP/s{profile.matvec_text()}",
         "",
         f"{'ctx':>7}  {'policy':<8} {'weights MB/tok':>14} {'KV MB/tok':>10} {'decode tok/s':>12} {'x w4':>7} {'prefill tok/s':>13}  bound",
     ]
@@ -190,6 +191,11 @@ def show_command(device: str = typer.Argument(..., help="Device profile key")) -
     for key, value in p.numbers().items():
         stem = key.rsplit("_GB_per_s", 1)[0].rsplit("_TFLOP_per_s", 1)[0]
         typer.echo(f"  {key} = {value}\n      source: {p.sources[stem]}")
+    if p.matvec_weights_per_s:
+        from recover_lora.devices.profiles import MATVEC_KEY, MATVEC_STEM
+
+        rates = ", ".join(f"{t.name} = {r:.4g}" for t, r in p.matvec_weights_per_s.items())
+        typer.echo(f"  {MATVEC_KEY} = {{{rates}}}\n      source: {p.sources[MATVEC_STEM]}")
     if p.fingerprint:
         typer.echo("  fingerprint: " + ", ".join(f"{k}={v}" for k, v in p.fingerprint.items()))
 
@@ -200,12 +206,17 @@ def probe_command(
     gguf_file: Optional[Path] = typer.Option(None, "--gguf", help="GGUF to time llama.cpp decode on [default: the default model]"),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads for STREAM and llama.cpp [default: all cores]"),
     stream_mib: int = typer.Option(256, "--stream-mib", help="Size of each STREAM array in MiB (must dwarf the caches)"),
-    decode: bool = typer.Option(True, "--decode/--no-decode", help="Also time llama.cpp decode on a GGUF"),
+    decode: bool = typer.Option(True, "--decode/--no-decode", help="Time llama.cpp at all: decode on a GGUF and the matrix-vector rates"),
+    matvec: bool = typer.Option(True, "--matvec/--no-matvec", help="Measure llama.cpp's matrix-vector rate per ggml type (about 20-40 s per type on 2 cores)"),
+    matvec_types: str = typer.Option("Q4_K,Q2_K,Q6_K", "--matvec-types", help="Comma-separated ggml types for the matrix-vector rates (Q8_0, F16, ... too)"),
+    matvec_shape: str = typer.Option("qwen3-4b", "--matvec-shape", help="Bundled shape or config.json whose widths the probe models have"),
+    matvec_layers: int = typer.Option(2, "--matvec-layers", help="Layers of that shape in each probe model (the file must exceed the caches)"),
     out: Optional[Path] = typer.Option(None, "--out", help="Profile TOML to write [default: <results>/<name>.toml]"),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing profile file"),
 ) -> None:
-    """Measure this machine (bandwidth, compute, llama.cpp decode) and write a device profile."""
-    from recover_lora.devices.probe import probe
+    """Measure this machine (bandwidth, compute, llama.cpp decode and per-type matrix-vector rates) and write a device profile."""
+    from recover_lora.devices.matvec import matvec_rates, parse_matvec_types, probe_config
+    from recover_lora.devices.probe import probe, with_matvec_rates
     from recover_lora.devices.profiles import profile_toml, results_dir
     from recover_lora.fileio import atomic_output, check_output
 
@@ -214,10 +225,22 @@ def probe_command(
     key = name.strip().lower()
     if not key or not all(c.isalnum() or c in "-_" for c in key):
         raise RecoverLoraError(f"--name {name!r} must be letters, digits, '-' or '_'")
+    types = parse_matvec_types(matvec_types) if decode and matvec else ()
+    if types:
+        probe_config(matvec_shape, matvec_layers)  # a bad shape fails here, before minutes of measuring
     out = out or results_dir() / f"{key}.toml"
     check_output(out, force)
+    load_1min = os.getloadavg()[0]
+    if load_1min > 0.5:
+        typer.echo(f"warning: 1-min load average is {load_1min:.2f}; other work skews these timings (llama.cpp's badly): probe a quiet machine", err=True)
     profile, stream, decode_result = probe(key, gguf_file, threads, stream_mib, decode)
-    typer.echo(f"STREAM copy  {stream.copy_GB_per_s:8.2f} GB/s   triad {stream.triad_GB_per_s:8.2f} GB/s  ({stream.threads} threads, {stream.array_MiB} MiB arrays)")
+    matvec_results = matvec_rates(types, matvec_shape, matvec_layers, stream.threads) if types else []
+    if matvec_results:
+        profile = with_matvec_rates(profile, matvec_results, matvec_shape, matvec_layers, stream.threads)
+    typer.echo(
+        f"STREAM read {stream.read_GB_per_s:8.2f} GB/s   copy {stream.copy_GB_per_s:8.2f} GB/s   triad {stream.triad_GB_per_s:8.2f} GB/s  "
+        f"({stream.threads} threads, {stream.array_MiB} MiB arrays; read is the effective bandwidth)"
+    )
     typer.echo(f"numpy matmul {profile.peak_compute_TFLOP_per_s * 1e3:8.1f} GFLOP/s")
     if decode_result is not None:
         typer.echo(
@@ -227,7 +250,12 @@ def probe_command(
         typer.echo(
             f"llama.cpp decode {decode_result.decode_tokens_per_s:8.2f} tok/s on {Path(decode_result.gguf).name} x "
             f"{decode_result.bytes_per_token / 1e6:.1f} MB/token = {decode_result.bytes_per_s / 1e9:.2f} GB/s "
-            f"({decode_result.bytes_per_s / 1e9 / stream.triad_GB_per_s:.0%} of triad)"
+            f"({decode_result.bytes_per_s / 1e9 / stream.read_GB_per_s:.0%} of read)"
+        )
+    for r in matvec_results:
+        typer.echo(
+            f"llama.cpp matvec {r.ggml_type.name:<5} {r.weights_per_s / 1e9:7.2f} G weights/s ({r.seconds_per_token * 1e3:.2f} ms/token, median of "
+            f"{r.tokens}; {r.bytes_per_token / 1e6:.0f} MB/token = {r.bytes_per_s / 1e9:.2f} GB/s, {r.bytes_per_s / 1e9 / stream.read_GB_per_s:.0%} of read)"
         )
     with atomic_output(out, force=force) as tmp:
         tmp.write_text(f"# written by `recover-lora devices probe` on {profile.date}\n" + profile_toml(profile))

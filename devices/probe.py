@@ -1,16 +1,19 @@
 """`devices probe`: measure this machine and write a device profile.
 
-Three measurements, each honest about what it is:
+Four measurements, each honest about what it is:
 - STREAM-like bandwidth with numpy over arrays far larger than any cache, one slice per thread
-  (numpy releases the GIL in these loops): copy (1 read + 1 write per element) and triad
-  a = b + s*c done in cache-sized chunks, so DRAM sees 2 reads + 1 write per element, the traffic
-  STREAM counts. The triad figure becomes the profile's effective bandwidth.
+  (numpy releases the GIL in these loops): read (a sum: 1 read per element), copy (1 read +
+  1 write) and triad a = b + s*c done in cache-sized chunks, so DRAM sees 2 reads + 1 write per
+  element, the traffic STREAM counts. The read figure becomes the profile's effective bandwidth
+  (see `stream_bandwidth`).
 - Compute: a float32 numpy matmul (BLAS, all threads); the roofline only uses it for prefill.
 - llama.cpp on a real quantized GGUF (default: the default model): decode tokens/s x the
   roofline's bytes per token of that very file = the bytes/s llama.cpp's matrix-vector kernels
   sustain; and one prompt batch's tokens/s x FLOPs per token = the rate of its quantized
   matrix-matrix kernels, which becomes the profile's quantized compute rate. Small models carry
   per-token overheads that pull both down; pass a bigger GGUF for figures closer to a 4B+ model.
+- llama.cpp's matrix-vector rate per ggml type (devices/matvec.py): weights per second of a
+  random-weight model whose every linear is that type; the roofline's per-type compute limit.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import os
 import platform
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from recover_lora.devices.matvec import MATVEC_VOCAB_SIZE, MatvecResult
 from recover_lora.devices.profiles import GB, TFLOP, DeviceProfile
 from recover_lora.errors import RecoverLoraError
 from recover_lora.runtime.fingerprint import cpu_model, ram_bytes
@@ -80,17 +84,44 @@ def _parallel(threads: int, work) -> float:
 
 @dataclass(frozen=True)
 class StreamResult:
+    read_GB_per_s: float
     copy_GB_per_s: float
     triad_GB_per_s: float
     array_MiB: int
     threads: int
 
 
-def stream_bandwidth(array_mib: int = 256, threads: int | None = None, repeats: int = 5) -> StreamResult:
-    """Best-of-`repeats` copy and triad bandwidth over three float64 arrays of `array_mib` MiB.
+def parallel_sum(x: np.ndarray, threads: int) -> tuple[float, float]:
+    """The sum of 1-D `x`, each of `threads` threads summing one slice: (sum, wall seconds).
+
+    A read-only kernel: every element is loaded once and nothing is written back (numpy's add
+    reduction releases the GIL, so the slices are summed in parallel).
 
     Example:
-        stream_bandwidth(64, threads=2).triad_GB_per_s
+        parallel_sum(np.ones(1000), threads=2)[0]   # 1000.0
+    """
+    bounds = np.linspace(0, len(x), threads + 1).astype(int)
+    sums = [0.0] * threads
+
+    def read(i: int) -> None:
+        sums[i] = float(np.add.reduce(x[bounds[i] : bounds[i + 1]]))
+
+    seconds = _parallel(threads, read)
+    return sum(sums), seconds
+
+
+def stream_bandwidth(array_mib: int = 256, threads: int | None = None, repeats: int = 5) -> StreamResult:
+    """Best-of-`repeats` read, copy and triad bandwidth over three float64 arrays of `array_mib` MiB.
+
+    The read figure is the one the roofline should use: a decode step reads every weight once and
+    writes only activations and one KV-cache row, so its DRAM traffic is almost all reads. Copy
+    and triad also write, and a write first reads the destination line (write-allocate), traffic
+    STREAM does not count, so they can understate what a read-only stream gets. On the 2-vCPU EPYC
+    VM this was written on, quiet, all three gave 32-34 GB/s (llama.cpp decoding a 2.37 GB 4B GGUF
+    moved 31); with other work running, triad fell further than read (22 vs 29 GB/s).
+
+    Example:
+        stream_bandwidth(64, threads=2).read_GB_per_s
     """
     if array_mib < 8 or repeats < 1:
         raise RecoverLoraError(f"--stream-mib {array_mib} must be >= 8 (arrays must dwarf the caches)")
@@ -111,12 +142,16 @@ def stream_bandwidth(array_mib: int = 256, threads: int | None = None, repeats: 
             np.multiply(c[start:stop], 3.0, out=t)
             np.add(b[start:stop], t, out=a[start:stop])
 
+    reads = [parallel_sum(c, threads) for _ in range(repeats)]
     copy_s = min(_parallel(threads, copy) for _ in range(repeats))
     triad_s = min(_parallel(threads, triad) for _ in range(repeats))
     if not np.allclose(a[:: max(1, n // 1000)], 7.0):  # 1 + 3 * 2: the triad really ran
         raise RecoverLoraError("internal error: the triad kernel computed wrong values")
+    if any(total != 2.0 * n for total, _ in reads):  # exact: sums of 2.0 stay integers below 2^53
+        raise RecoverLoraError("internal error: the read kernel computed a wrong sum")
     array_bytes = n * 8
-    return StreamResult(2 * array_bytes / copy_s / GB, 3 * array_bytes / triad_s / GB, array_mib, threads)
+    read_s = min(seconds for _, seconds in reads)
+    return StreamResult(array_bytes / read_s / GB, 2 * array_bytes / copy_s / GB, 3 * array_bytes / triad_s / GB, array_mib, threads)
 
 
 def matmul_tflop_per_s(size: int = 1024, repeats: int = 3) -> float:
@@ -215,7 +250,10 @@ def probe(
     array_mib: int = 256,
     decode: bool = True,
 ) -> tuple[DeviceProfile, StreamResult, DecodeResult | None]:
-    """Measure this machine; return its profile (STREAM triad as effective bandwidth) and the raw results.
+    """Measure this machine; return its profile (STREAM read as effective bandwidth) and the raw results.
+
+    llama.cpp's per-type matrix-vector rates are a separate, slower step (devices/matvec.py):
+    `with_matvec_rates(profile, matvec_rates(threads=...), ...)` adds them to the profile.
 
     Example:
         profile, stream, decode = probe(threads=2)
@@ -224,13 +262,20 @@ def probe(
     today = datetime.date.today().isoformat()
     stream = stream_bandwidth(array_mib, threads)
     compute = matmul_tflop_per_s()
+    stream_setup = f"{array_mib} MiB float64 arrays, {threads} threads, best of 5"
     sources = {
-        "effective_bandwidth": f"measured {today} by `recover-lora devices probe`: numpy STREAM-like triad, "
-        f"3 x {array_mib} MiB float64 arrays, {threads} threads, best of 5 (2 reads + 1 write per element)",
-        "stream_copy_bandwidth": f"measured {today}: numpy copy, {array_mib} MiB arrays, {threads} threads, best of 5",
+        "effective_bandwidth": f"measured {today} by `recover-lora devices probe`: numpy read-only kernel (per-thread sums, "
+        f"1 read per element), {stream_setup}; decode only reads weights, so this, not triad or copy, is its bandwidth",
+        "stream_read_bandwidth": f"measured {today}: numpy per-thread sums (1 read per element), {stream_setup}",
+        "stream_copy_bandwidth": f"measured {today}: numpy copy (1 read + 1 write per element), {stream_setup}",
+        "stream_triad_bandwidth": f"measured {today}: numpy STREAM-like triad (2 reads + 1 write per element), 3 x {stream_setup}",
         "peak_compute": f"measured {today}: numpy float32 1024^3 matmul through its BLAS (not llama.cpp's kernels)",
     }
-    extra = {"stream_copy_bandwidth_GB_per_s": round(stream.copy_GB_per_s, 3)}
+    extra = {
+        "stream_read_bandwidth_GB_per_s": round(stream.read_GB_per_s, 3),
+        "stream_copy_bandwidth_GB_per_s": round(stream.copy_GB_per_s, 3),
+        "stream_triad_bandwidth_GB_per_s": round(stream.triad_GB_per_s, 3),
+    }
     result, quantized_compute = None, None
     if decode:
         if gguf_path is None:
@@ -254,7 +299,7 @@ def probe(
         device_class="host",
         backend=f"CPU ({threads} threads)",
         peak_compute_TFLOP_per_s=round(compute, 5),
-        effective_bandwidth_GB_per_s=round(stream.triad_GB_per_s, 3),
+        effective_bandwidth_GB_per_s=round(stream.read_GB_per_s, 3),
         quantized_compute_TFLOP_per_s=None if quantized_compute is None else round(quantized_compute, 5),
         sources=sources,
         extra=extra,
@@ -262,3 +307,21 @@ def probe(
         date=today,
     )
     return profile, stream, result
+
+
+def with_matvec_rates(profile: DeviceProfile, results: list[MatvecResult], shape: str, layers: int, threads: int) -> DeviceProfile:
+    """`profile` with the rates `matvec_rates(types, shape, layers, threads)` measured, and their source.
+
+    Example:
+        profile = with_matvec_rates(profile, matvec_rates(threads=2), "qwen3-4b", 2, threads=2)
+    """
+    today = datetime.date.today().isoformat()
+    loads = sorted(r.load_1min for r in results)
+    source = (
+        f"measured {today} by `recover-lora devices probe`: llama.cpp CPU decode, {threads} threads, of random-weight {shape} "
+        f"cut to {layers} layers (vocab {MATVEC_VOCAB_SIZE}) with every linear in the type; matmul weights / median seconds "
+        f"per token (1-min load {loads[0]:.2f}-{loads[-1]:.2f}); "
+        + ", ".join(f"{r.ggml_type.name} {r.bytes_per_token / 1e6:.0f} MB at {r.bytes_per_s / GB:.1f} GB/s" for r in results)
+    )
+    rates = {**profile.matvec_weights_per_s, **{r.ggml_type: float(f"{r.weights_per_s:.4g}") for r in results}}
+    return replace(profile, matvec_weights_per_s=rates, sources={**profile.sources, "matvec": source})

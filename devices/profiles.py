@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gguf import GGMLQuantizationType as T
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -30,6 +32,8 @@ TFLOP = 1e12
 UNIT_SUFFIXES = ("_GB_per_s", "_TFLOP_per_s")
 DEVICE_CLASSES = ("laptop", "desktop", "phone", "sbc", "host")
 _STRING_KEYS = ("name", "device_class", "backend", "date")
+# Per-ggml-type matrix-vector rates: a table {TYPE = weights per second}, with `matvec_source`.
+MATVEC_KEY, MATVEC_STEM = "matvec_weights_per_s", "matvec"
 
 
 def results_dir() -> Path:
@@ -66,6 +70,10 @@ class DeviceProfile:
     sources: dict[str, str] = field(default_factory=dict)
     # Other measured numbers (unit in the key), e.g. llama_cpp_decode_bandwidth_GB_per_s.
     extra: dict[str, float] = field(default_factory=dict)
+    # Weights per second llama.cpp's matrix-vector kernel of each ggml type sustains on this
+    # device (`devices probe`); where present the roofline uses it for that type's weights
+    # instead of FLOPs / quantized_compute. Type names (str) are accepted and converted.
+    matvec_weights_per_s: dict[T, float] = field(default_factory=dict)
     fingerprint: dict[str, Any] | None = None
     date: str | None = None
     origin: str = ""  # the file it came from
@@ -82,6 +90,9 @@ class DeviceProfile:
             stem = _unit_stem(key)
             if not self.sources.get(stem):
                 raise RecoverLoraError(f"{where}: {key} has no {stem}_source; every number needs a source")
+        object.__setattr__(self, "matvec_weights_per_s", _matvec_rates(self.matvec_weights_per_s, where))
+        if self.matvec_weights_per_s and not self.sources.get(MATVEC_STEM):
+            raise RecoverLoraError(f"{where}: {MATVEC_KEY} has no {MATVEC_STEM}_source; every number needs a source")
 
     def numbers(self) -> dict[str, float]:
         """Every number of the profile by its unit-carrying key."""
@@ -93,6 +104,11 @@ class DeviceProfile:
             **self.extra,
         }
         return {k: v for k, v in values.items() if v is not None}
+
+    def matvec_text(self) -> str:
+        """'; matrix-vector G weights/s: Q4_K 50.1, Q2_K 31.2' where the profile has per-type rates, else ''."""
+        rates = self.matvec_weights_per_s
+        return ("; matrix-vector G weights/s: " + ", ".join(f"{t.name} {r / 1e9:.1f}" for t, r in rates.items())) if rates else ""
 
     @property
     def bandwidth_kind(self) -> str:
@@ -127,6 +143,9 @@ class DeviceProfile:
             elif name == "fingerprint":
                 if not isinstance(value, dict):
                     raise RecoverLoraError(f"{where}: fingerprint must be a table")
+            elif name == MATVEC_KEY:
+                if not isinstance(value, dict):
+                    raise RecoverLoraError(f"{where}: {MATVEC_KEY} must be a table of ggml type = weights/s, e.g. {{Q4_K = 3.2e10}}")
             elif _unit_stem(name) is not None:
                 numbers[name] = value
             else:
@@ -150,6 +169,7 @@ class DeviceProfile:
             quantized_compute_TFLOP_per_s=numbers.get("quantized_compute_TFLOP_per_s"),
             sources=sources,
             extra={k: v for k, v in numbers.items() if k not in main_keys},
+            matvec_weights_per_s=table.get(MATVEC_KEY) or {},
             fingerprint=table.get("fingerprint"),
             date=known.get("date"),
             origin=origin,
@@ -163,9 +183,28 @@ class DeviceProfile:
         for key, value in self.numbers().items():
             table[key] = float(value)
             table[f"{_unit_stem(key)}_source"] = self.sources[_unit_stem(key)]
+        if self.matvec_weights_per_s:
+            table[MATVEC_KEY] = {t.name: float(rate) for t, rate in self.matvec_weights_per_s.items()}
+            table[f"{MATVEC_STEM}_source"] = self.sources[MATVEC_STEM]
         if self.fingerprint:
             table["fingerprint"] = dict(self.fingerprint)
         return table
+
+
+def _matvec_rates(rates: dict, where: str) -> dict[T, float]:
+    """{'Q4_K' or T.Q4_K: weights/s} -> {T.Q4_K: weights/s}; unknown types and rates <= 0 are errors."""
+    from recover_lora.export.policy import parse_ggml_type
+
+    checked: dict[T, float] = {}
+    for name, rate in rates.items():
+        try:
+            ggml_type = name if isinstance(name, T) else parse_ggml_type(str(name))
+        except RecoverLoraError:
+            raise RecoverLoraError(f"{where}: {MATVEC_KEY} names unknown ggml type {name!r}; use names like Q4_K, Q2_K, Q6_K, Q8_0, F16") from None
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not rate > 0:
+            raise RecoverLoraError(f"{where}: {MATVEC_KEY}[{ggml_type.name}]={rate!r} must be a positive number of weights per second")
+        checked[ggml_type] = float(rate)
+    return checked
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -206,6 +245,8 @@ def get_profile(name: str) -> DeviceProfile:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):  # an inline table of bare keys (ggml type names)
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

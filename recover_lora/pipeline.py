@@ -48,6 +48,7 @@ class PipelinePreset:
     roofline_contexts: tuple[int, ...]
     synth_batch_size: int
     probe_array_mib: int = 256  # STREAM arrays of the bandwidth probe: far larger than any cache
+    matvec_layers: int = 2  # layers of the per-type matrix-vector probe models (devices/matvec.py); 0 = skip
 
 
 PIPELINE_PRESETS = {
@@ -66,7 +67,7 @@ PIPELINE_PRESETS = {
     # Its numbers mean nothing.
     "smoke": PipelinePreset(
         name="smoke", eval_tasks="quick3", eval_limit=4, heldout_tokens=512, bench_depths=(0,), bench_repeats=1,
-        bench_n_gen=4, roofline_contexts=(0, 256), synth_batch_size=8, probe_array_mib=16,
+        bench_n_gen=4, roofline_contexts=(0, 256), synth_batch_size=8, probe_array_mib=16, matvec_layers=0,
     ),
 }
 
@@ -355,7 +356,8 @@ class Pipeline:
         return self._step("eval", inputs, outputs, action)
 
     def bench(self) -> dict:
-        from recover_lora.devices.probe import probe
+        from recover_lora.devices.matvec import DEFAULT_MATVEC_SHAPE, DEFAULT_MATVEC_TYPES, matvec_rates
+        from recover_lora.devices.probe import probe, with_matvec_rates
         from recover_lora.devices.profiles import profile_toml
         from recover_lora.devices.roofline import AdapterFile, roofline_table
         from recover_lora.devices.shapes import load_model_shape
@@ -364,7 +366,8 @@ class Pipeline:
         outputs = [self.path["bench"], self.path["host"], self.path["roofline"]]
         variants = {label: files for label, files in self._variant_files().items() if label != "teacher"}
         settings = {"depths": self.preset.bench_depths, "repeats": self.preset.bench_repeats,
-                    "n_gen": self.preset.bench_n_gen, "threads": self.config.threads, "contexts": self.preset.roofline_contexts}
+                    "n_gen": self.preset.bench_n_gen, "threads": self.config.threads, "contexts": self.preset.roofline_contexts,
+                    "matvec_layers": self.preset.matvec_layers}
         files = sorted({p for pair in variants.values() for p in pair if p is not None})
         inputs = {"settings": settings, **self._hash(*files)}
 
@@ -372,6 +375,10 @@ class Pipeline:
             say("[bench] probing this machine's memory bandwidth and llama.cpp's rates ...")
             profile, stream, _ = probe(name="host", gguf_path=self.path["w4"], threads=self.config.threads,
                                      array_mib=self.preset.probe_array_mib)
+            if self.preset.matvec_layers:
+                say("[bench] llama.cpp's matrix-vector rate per ggml type ...")
+                rates = matvec_rates(DEFAULT_MATVEC_TYPES, DEFAULT_MATVEC_SHAPE, self.preset.matvec_layers, stream.threads)
+                profile = with_matvec_rates(profile, rates, DEFAULT_MATVEC_SHAPE, self.preset.matvec_layers, stream.threads)
             with atomic_output(self.path["host"], force=True) as tmp:
                 tmp.write_text(profile_toml(profile))
             config = BenchConfig(depths=self.preset.bench_depths, repeats=self.preset.bench_repeats,
@@ -390,7 +397,8 @@ class Pipeline:
                 predictions[label] = [r.to_dict() for r in rows]
             with atomic_output(self.path["roofline"], force=True) as tmp:
                 tmp.write_text(json.dumps({"profile": profile.to_table(), "predictions": predictions}, indent=2, default=str))
-            return {"line": f"{len(records)} records, triad {stream.triad_GB_per_s:.1f} GB/s", "n_records": len(records)}
+            return {"line": f"{len(records)} records, read bandwidth {stream.read_GB_per_s:.1f} GB/s{profile.matvec_text()}",
+                    "n_records": len(records)}
 
         return self._step("bench", inputs, outputs, action)
 

@@ -70,13 +70,23 @@ def speed_rows(records: list[dict], roofline: dict) -> list[dict]:
     return rows
 
 
-def speed_section(rows: list[dict], records: list[dict]) -> list[str]:
+def profile_text(profile: dict) -> str:
+    """'read bandwidth 33.6 GB/s; matrix-vector rates (G weights/s): Q4_K 60.1, ...' from a profile table."""
+    text = f"effective bandwidth {profile.get('effective_bandwidth_GB_per_s', float('nan')):.1f} GB/s"
+    rates = profile.get("matvec_weights_per_s")
+    if rates:
+        text += "; llama.cpp matrix-vector rates (G weights/s): " + ", ".join(f"{t} {r / 1e9:.1f}" for t, r in rates.items())
+    return text
+
+
+def speed_section(rows: list[dict], records: list[dict], roofline: dict) -> list[str]:
     first = records[0]
     settings = first["settings"]
     lines = [
         f"Measured with `recover-lora bench` semantics: {settings['repeats']} interleaved repeats, {first['n_gen']} generated "
         f"tokens and {first['n_prompt']}-token prompts, {settings['threads']} threads, at each KV-cache depth. "
-        "Ratios are per-repeat decode ratios to w4 (median, min–max). Predicted: the roofline model on this machine's probed profile.",
+        "Ratios are per-repeat decode ratios to w4 (median, min–max). Predicted: the roofline model (`devices/roofline.py`) "
+        f"on this machine's profile as probed by the same run ({profile_text(roofline['profile'])}).",
         "",
         "| variant | depth | decode tok/s (median, min–max) | prefill tok/s | decode vs w4 | roofline decode tok/s | roofline vs w4 | measured / predicted |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -194,7 +204,7 @@ def write_report(pipeline, commands: list[str]) -> Path:
         "",
         "## Speed on this machine",
         "",
-        *speed_section(rows, records),
+        *speed_section(rows, records, roofline),
         "",
         f"![tokens/s vs context]({SPEED_PLOT})",
         "",

@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -219,7 +220,10 @@ def wrap_with_lora(student, config: TrainConfig, modules: list[str]):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(student, lora_config)
+    with warnings.catch_warnings():
+        # peft (0.21) still asks transformers 5 for `is_gradient_checkpointing`, which warns on every run.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(student, lora_config)
 
 
 class TeacherSignal:

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as T
 
 from recover_lora.cli import main
 from recover_lora.devices.calibrate import calibrate, parse_record
-from recover_lora.devices.probe import fingerprint, stream_bandwidth
+from recover_lora.devices.probe import fingerprint, parallel_sum, stream_bandwidth, with_matvec_rates
 from recover_lora.devices.profiles import (
     CURATED_PROFILES,
     UNIT_SUFFIXES,
@@ -23,7 +23,7 @@ from recover_lora.devices.profiles import (
     profile_toml,
     tomllib,
 )
-from recover_lora.devices.roofline import token_cost
+from recover_lora.devices.roofline import estimate, token_cost
 from recover_lora.devices.shapes import FILE_POLICY, SHAPES_DIR, bundled_shape_names, identify_policy, load_model_shape
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.policy import Policy
@@ -132,13 +132,42 @@ def test_probe_profile_round_trips_through_toml(results):
     profile = DeviceProfile(
         key="host", name='this "machine"', device_class="host", backend="CPU (2 threads)", peak_compute_TFLOP_per_s=0.05,
         effective_bandwidth_GB_per_s=12.5, extra={"stream_copy_bandwidth_GB_per_s": 14.0},
-        sources={"peak_compute": "measured", "effective_bandwidth": "measured", "stream_copy_bandwidth": "measured"},
+        matvec_weights_per_s={"Q4_K": 5.07e10, T.Q2_K: 2.9e10},
+        sources={"peak_compute": "measured", "effective_bandwidth": "measured", "stream_copy_bandwidth": "measured", "matvec": "probe"},
         fingerprint=fingerprint(), date="2026-11-23",
     )
+    assert profile.matvec_weights_per_s == {T.Q4_K: 5.07e10, T.Q2_K: 2.9e10}  # names become ggml types
     results.mkdir()
-    (results / "host.toml").write_text(profile_toml(profile))
+    text = profile_toml(profile)
+    assert "matvec_weights_per_s = {Q4_K = 50700000000.0, Q2_K = 29000000000.0}" in text
+    (results / "host.toml").write_text(text)
     loaded = get_profile("host")
     assert loaded.numbers() == profile.numbers() and loaded.fingerprint == profile.fingerprint and loaded.name == profile.name
+    assert loaded.matvec_weights_per_s == profile.matvec_weights_per_s and loaded.sources["matvec"] == "probe"
+
+
+@pytest.mark.parametrize(
+    "rates, message",
+    [
+        ("matvec_weights_per_s = {Q9_K = 1e9}", "unknown ggml type 'Q9_K'"),
+        ("matvec_weights_per_s = {Q4_K = 0.0}", "matvec_weights_per_s[Q4_K]=0.0 must be a positive number"),
+        ('matvec_weights_per_s = {Q4_K = "fast"}', "must be a positive number"),
+        ("matvec_weights_per_s = 3e10", "must be a table of ggml type"),
+    ],
+)
+def test_bad_matvec_rates_in_a_profile_file_are_one_line_errors(results, rates, message):
+    results.mkdir()
+    (results / "host.toml").write_text(
+        '[host]\nname = "h"\ndevice_class = "host"\nbackend = "CPU"\npeak_compute_TFLOP_per_s = 0.1\npeak_compute_source = "s"\n'
+        f'effective_bandwidth_GB_per_s = 10.0\neffective_bandwidth_source = "s"\nmatvec_source = "s"\n{rates}\n'
+    )
+    with pytest.raises(RecoverLoraError, match=re.escape(message)) as info:
+        load_profiles()
+    assert "\n" not in str(info.value) and "host.toml" in str(info.value)
+    table = {"name": "h", "device_class": "host", "backend": "CPU", "peak_compute_TFLOP_per_s": 0.1, "peak_compute_source": "s",
+             "peak_bandwidth_GB_per_s": 1.0, "peak_bandwidth_source": "s", "matvec_weights_per_s": {"Q4_K": 1e9}}
+    with pytest.raises(RecoverLoraError, match="no matvec_source"):
+        DeviceProfile.from_table("h", table)
 
 
 def test_gguf_shape_reads_types_without_data(tmp_path):
@@ -169,9 +198,60 @@ def test_bad_model_inputs_are_one_line_errors(tmp_path):
 
 def test_stream_bandwidth_and_fingerprint_run():
     result = stream_bandwidth(array_mib=8, threads=1, repeats=1)
-    assert result.copy_GB_per_s > 0 and result.triad_GB_per_s > 0
+    assert result.read_GB_per_s > 0 and result.copy_GB_per_s > 0 and result.triad_GB_per_s > 0
     fp = fingerprint()
     assert fp["cpu_cores_logical"] >= 1 and fp["cpu_model"] and fp["ram_bytes"] > 0
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_read_kernel_sums_every_element_once(threads):
+    x = np.arange(1001, dtype=np.float64)
+    total, seconds = parallel_sum(x, threads)
+    assert total == 1000 * 1001 / 2 and seconds > 0
+
+
+def test_matvec_probe_measures_every_requested_type(stories_dir):
+    """llama.cpp's matrix-vector rate per type, on stories260K's shape (padded to K-quant widths), 1 layer."""
+    from recover_lora.devices.matvec import matvec_rates
+
+    results = matvec_rates((T.Q4_K, T.Q2_K, T.Q6_K, T.Q8_0), shape=str(stories_dir), layers=1, threads=2, seconds=0.05)
+    assert [r.ggml_type for r in results] == [T.Q4_K, T.Q2_K, T.Q6_K, T.Q8_0]
+    # hidden 64 -> 256, intermediate 172 -> 256, 8/4 heads of 8 -> 32/16: q, k, v, o, gate, up, down + tied output (512 x 256)
+    assert {r.matvec_weights for r in results} == {256 * 256 + 2 * 128 * 256 + 256 * 256 + 3 * 256 * 256 + 512 * 256}
+    assert all(r.weights_per_s > 0 and r.tokens >= 8 for r in results)
+    assert results[1].bytes_per_token < results[0].bytes_per_token < results[2].bytes_per_token < results[3].bytes_per_token
+    # Into a profile (rates with their source), and from there into the roofline's per-type rule.
+    base = DeviceProfile(
+        key="host", name="me", device_class="host", backend="CPU", peak_compute_TFLOP_per_s=0.1, effective_bandwidth_GB_per_s=10.0,
+        sources={"peak_compute": "test", "effective_bandwidth": "test"},
+    )
+    profile = with_matvec_rates(base, results, str(stories_dir), 1, threads=2)
+    assert list(profile.matvec_weights_per_s) == [T.Q4_K, T.Q2_K, T.Q6_K, T.Q8_0] and "llama.cpp" in profile.sources["matvec"]
+    assert DeviceProfile.from_table("host", tomllib.loads(profile_toml(profile))["host"]).matvec_weights_per_s == profile.matvec_weights_per_s
+    assert "weights Q2_K:" in estimate(token_cost(load_model_shape("qwen3-4b"), "gateup", 0), profile).decode_bound
+
+
+def test_probe_cli_with_llama_cpp_writes_matvec_rates(tmp_path, results, stories_dir, capsys):
+    from recover_lora.export.quantize import export_model
+
+    gguf_path = export_model(stories_dir, tmp_path / "stories.w4.gguf", "w4", threads=1).path
+    args = ["devices", "probe", "--gguf", str(gguf_path), "--stream-mib", "8", "--threads", "1"]
+    assert run_cli([*args, "--matvec-shape", str(stories_dir), "--matvec-layers", "1", "--matvec-types", "q2_k,Q4_K"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"llama.cpp matvec Q2_K .* G weights/s", out) and "STREAM read" in out
+    assert list(get_profile("host").matvec_weights_per_s) == [T.Q2_K, T.Q4_K]
+
+
+def test_matvec_probe_bad_input_is_one_line_error(capsys):
+    from recover_lora.devices.matvec import matvec_rates
+
+    assert run_cli(["devices", "probe", "--matvec-types", "Q4_K,Q9_K"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown ggml type 'Q9_K'" in err and err.count("\n") == 1
+    with pytest.raises(RecoverLoraError, match="neither a bundled shape"):
+        matvec_rates(shape="no-such-shape")
+    with pytest.raises(RecoverLoraError, match="--matvec-layers 0 must be >= 1"):
+        matvec_rates(layers=0)
 
 
 def test_probe_cli_writes_host_profile_the_roofline_uses(results, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -183,3 +184,88 @@ def test_roofline_cli_notes_padding_and_reads_hf_folders(stories_dir, capsys):
     assert "padded for K-quants: hidden 256, intermediate 256, 32/16 heads" in capsys.readouterr().out
     assert run_cli(["roofline", "--model", "llama-3.1-8b", "--device", "m2", "--ctx", "0"]) == 0
     assert "padded" not in capsys.readouterr().out
+
+
+def rated_profile(rates: dict, bandwidth_GB_per_s: float = 10.0) -> DeviceProfile:
+    """A hand-made profile with per-type matrix-vector rates (weights/s) and slow FLOP rates."""
+    return DeviceProfile(
+        key="x", name="x", device_class="host", backend="cpu", peak_compute_TFLOP_per_s=1e-3, effective_bandwidth_GB_per_s=bandwidth_GB_per_s,
+        matvec_weights_per_s=rates, sources={"peak_compute": "t", "effective_bandwidth": "t", "matvec": "t"},
+    )
+
+
+def test_weight_parts_split_the_weights_group_by_type():
+    cost = token_cost(tiny_shape(), "gateup", 0)
+    parts = {p.ggml_type: p for p in cost.weight_parts}
+    assert set(parts) == {T.Q6_K, T.Q4_K, T.Q2_K, T.F32}
+    # 2 layers of gate + up (512 x 256 each, 512 blocks each) at Q2_K; q, k, v, o, down at Q4_K.
+    assert parts[T.Q2_K].bytes == 2 * 1024 * Q2_K_BLOCK_BYTES and parts[T.Q2_K].matvec_weights == 2 * 2 * 512 * 256
+    assert parts[T.Q4_K].bytes == 2 * (768 + 512) * Q4_K_BLOCK_BYTES
+    assert parts[T.Q6_K].matvec_weights == 512 * 256  # the output matrix; the embedding row is a lookup
+    assert parts[T.F32].matvec_weights == 0
+    assert sum(p.bytes for p in cost.weight_parts) == cost.weights.bytes
+    assert sum(p.flops for p in cost.weight_parts) == cost.weights.flops
+
+
+def test_compute_bound_q2k_gives_no_gateup_gain():
+    # Q2_K and Q4_K weights cost the same time each (llama.cpp's unpacking, not DRAM, is the limit):
+    # GateUp has the same matmul weights as W4, so it is not faster, although it reads fewer bytes.
+    rates = {"Q4_K": 1e9, "Q2_K": 1e9, "Q6_K": 1e9}
+    w4, gateup = (estimate(token_cost(tiny_shape(), p, 0), rated_profile(rates, 1000.0)) for p in ("w4", "gateup"))
+    assert gateup.weight_bytes_per_token < w4.weight_bytes_per_token
+    assert gateup.decode_tokens_per_s == pytest.approx(w4.decode_tokens_per_s)
+    assert gateup.decode_bound == "weights Q2_K:compute, weights Q4_K:compute, weights Q6_K:compute, weights F32:memory, attention:memory"
+
+
+def test_memory_bound_parts_give_the_byte_ratio():
+    rates = {T.Q4_K: 1e18, T.Q2_K: 1e18, T.Q6_K: 1e18}
+    profile = rated_profile(rates)
+    w4, gateup = (token_cost(tiny_shape(), p, 0) for p in ("w4", "gateup"))
+    w4_row, gateup_row = estimate(w4, profile), estimate(gateup, profile)
+    assert gateup_row.decode_tokens_per_s / w4_row.decode_tokens_per_s == pytest.approx(w4.bytes / gateup.bytes)
+    assert "compute" not in gateup_row.decode_bound
+
+
+def test_profile_without_rates_for_the_models_types_keeps_the_one_group_model():
+    cost = token_cost(tiny_shape(), "gateup", 1000)
+    for profile in (get_profile("m2"), get_profile("raspberry-pi-5"), rated_profile({"Q8_0": 1e9})):
+        row = estimate(cost, profile)
+        bandwidth = profile.bandwidth_bytes_per_s
+        weights_s = max(cost.weights.bytes / bandwidth, cost.weights.flops / profile.quantized_compute_flop_per_s)
+        attention_s = max(cost.attention.bytes / bandwidth, cost.attention.flops / profile.compute_flop_per_s)
+        assert row.decode_tokens_per_s == 1.0 / (weights_s + attention_s)  # exactly the old rule
+        assert row.decode_bound.startswith("weights:") and row.decode_bound.count(",") == 1
+
+
+def test_unrated_parts_stay_one_group_on_the_flop_rule():
+    # Only Q2_K has a rate: Q4_K, Q6_K and F32 together are checked against FLOPs / quantized compute.
+    cost = token_cost(tiny_shape(), "gateup", 0)
+    profile = rated_profile({T.Q2_K: 2e9}, bandwidth_GB_per_s=1e6)
+    row = estimate(cost, profile)
+    q2k = next(p for p in cost.weight_parts if p.ggml_type == T.Q2_K)
+    rest_flops = cost.weights.flops - q2k.flops
+    assert 1 / row.decode_tokens_per_s == pytest.approx(q2k.matvec_weights / 2e9 + rest_flops / 1e9)
+    assert row.decode_bound == "weights Q2_K:compute, weights F32+Q4_K+Q6_K:compute, attention:memory"
+
+
+@pytest.mark.parametrize(
+    "rates, message",
+    [({"Q9_K": 1e9}, "unknown ggml type 'Q9_K'"), ({"Q4_K": 0.0}, "Q4_K]=0.0 must be a positive"), ({"Q2_K": -1}, "must be a positive")],
+)
+def test_bad_matvec_rates_are_one_line_errors(rates, message):
+    with pytest.raises(RecoverLoraError, match=re.escape(message)) as info:
+        rated_profile(rates)
+    assert "\n" not in str(info.value)
+
+
+def test_rated_part_near_its_memory_time_is_labelled_memory_but_timed_by_its_rate():
+    # A rate measured while streaming from DRAM at full bandwidth only reproduces the memory time
+    # (give or take a few per cent): the time uses it, the label does not call the part compute-bound.
+    cost = token_cost(tiny_shape(), "w4", 0)
+    q4k = next(p for p in cost.weight_parts if p.ggml_type == T.Q4_K)
+    memory_s = q4k.bytes / 10e9
+    for slower, label in ((1.05, "memory"), (1.5, "compute")):
+        row = estimate(cost, rated_profile({T.Q4_K: q4k.matvec_weights / (slower * memory_s)}))
+        assert row.decode_bound.startswith(f"weights Q4_K:{label}, ")
+        rest_bytes = cost.weights.bytes - q4k.bytes
+        assert 1 / row.decode_tokens_per_s == pytest.approx(slower * memory_s + max(rest_bytes / 10e9, (cost.weights.flops - q4k.flops) / 1e9))
