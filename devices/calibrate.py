@@ -195,7 +195,7 @@ def calibrate(folder: Path, profile: DeviceProfile, same_machine_only: bool = Tr
 def format_calibration(report: CalibrationReport, profile: DeviceProfile) -> str:
     lines = [
         f"roofline on {profile.key}: {profile.bandwidth_bytes_per_s / GB:.2f} GB/s ({profile.bandwidth_kind}), "
-        f"{profile.compute_flop_per_s / 1e12:.3f} TFLOP/s{profile.matvec_text()}",
+        f"{profile.compute_flop_per_s / 1e12:.3f} TFLOP/s{profile.matvec_text()}{profile.attention_text()}",
         "",
         f"{'model':<32} {'policy':<7} {'adapter':<10} {'depth':>6} {'measured':>9} {'predicted':>9} {'meas/pred':>9} "
         f"{'GB/s':>7} {'of BW':>6} {'thr':>4} {'load':>5}",

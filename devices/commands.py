@@ -56,7 +56,7 @@ def format_table(rows, shape, profile) -> str:
         f"{shape.name}: {config.model_type}, {config.num_layers} layers, hidden {config.hidden_size}, "
         f"{config.num_heads}/{config.num_kv_heads} heads x {config.head_dim}",
         f"{profile.key} ({profile.name}, {profile.backend}): {profile.bandwidth_bytes_per_s / 1e9:.2f} GB/s "
-        f"({profile.bandwidth_kind} bandwidth), {profile.compute_flop_per_s / 1e12:.3f} TFLOP/s{profile.matvec_text()}",
+        f"({profile.bandwidth_kind} bandwidth), {profile.compute_flop_per_s / 1e12:.3f} TFLOP/s{profile.matvec_text()}{profile.attention_text()}",
         "",
         f"{'ctx':>7}  {'policy':<8} {'weights MB/tok':>14} {'KV MB/tok':>10} {'decode tok/s':>12} {'x w4':>7} {'prefill tok/s':>13}  bound",
     ]
@@ -206,17 +206,21 @@ def probe_command(
     gguf_file: Optional[Path] = typer.Option(None, "--gguf", help="GGUF to time llama.cpp decode on [default: the default model]"),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads for STREAM and llama.cpp [default: all cores]"),
     stream_mib: int = typer.Option(256, "--stream-mib", help="Size of each STREAM array in MiB (must dwarf the caches)"),
-    decode: bool = typer.Option(True, "--decode/--no-decode", help="Time llama.cpp at all: decode on a GGUF and the matrix-vector rates"),
+    decode: bool = typer.Option(True, "--decode/--no-decode", help="Time llama.cpp at all: decode on a GGUF, the matrix-vector and attention rates"),
     matvec: bool = typer.Option(True, "--matvec/--no-matvec", help="Measure llama.cpp's matrix-vector rate per ggml type (about 20-40 s per type on 2 cores)"),
     matvec_types: str = typer.Option("Q4_K,Q2_K,Q6_K", "--matvec-types", help="Comma-separated ggml types for the matrix-vector rates (Q8_0, F16, ... too)"),
-    matvec_shape: str = typer.Option("qwen3-4b", "--matvec-shape", help="Bundled shape or config.json whose widths the probe models have"),
+    matvec_shape: str = typer.Option("qwen3-4b", "--matvec-shape", help="Bundled shape or config.json whose widths the probe models (matvec and attention) have"),
     matvec_layers: int = typer.Option(2, "--matvec-layers", help="Layers of that shape in each probe model (the file must exceed the caches)"),
+    attention: bool = typer.Option(True, "--attention/--no-attention", help="Measure llama.cpp's decode attention rate over a deep KV cache (about 40 s on 2 cores)"),
+    attention_depth: int = typer.Option(2048, "--attention-depth", help="KV-cache depth N the attention rate is measured at, a multiple of 512 (N/2 is timed too)"),
+    attention_layers: int = typer.Option(8, "--attention-layers", help="Layers of that shape in the attention probe model (its KV cache must exceed the caches)"),
     out: Optional[Path] = typer.Option(None, "--out", help="Profile TOML to write [default: <results>/<name>.toml]"),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing profile file"),
 ) -> None:
-    """Measure this machine (bandwidth, compute, llama.cpp decode and per-type matrix-vector rates) and write a device profile."""
+    """Measure this machine (bandwidth, compute, llama.cpp decode, per-type matrix-vector and attention rates) and write a device profile."""
+    from recover_lora.devices.attention import attention_probe_config, attention_rate
     from recover_lora.devices.matvec import matvec_rates, parse_matvec_types, probe_config
-    from recover_lora.devices.probe import probe, with_matvec_rates
+    from recover_lora.devices.probe import probe, with_attention_rate, with_matvec_rates
     from recover_lora.devices.profiles import profile_toml, results_dir
     from recover_lora.fileio import atomic_output, check_output
 
@@ -228,6 +232,8 @@ def probe_command(
     types = parse_matvec_types(matvec_types) if decode and matvec else ()
     if types:
         probe_config(matvec_shape, matvec_layers)  # a bad shape fails here, before minutes of measuring
+    if decode and attention:
+        attention_probe_config(matvec_shape, attention_layers, attention_depth)
     out = out or results_dir() / f"{key}.toml"
     check_output(out, force)
     load_1min = os.getloadavg()[0]
@@ -237,6 +243,9 @@ def probe_command(
     matvec_results = matvec_rates(types, matvec_shape, matvec_layers, stream.threads) if types else []
     if matvec_results:
         profile = with_matvec_rates(profile, matvec_results, matvec_shape, matvec_layers, stream.threads)
+    attention_result = attention_rate(matvec_shape, attention_layers, attention_depth, stream.threads) if decode and attention else None
+    if attention_result is not None:
+        profile = with_attention_rate(profile, attention_result, matvec_shape, attention_layers, stream.threads)
     typer.echo(
         f"STREAM read {stream.read_GB_per_s:8.2f} GB/s   copy {stream.copy_GB_per_s:8.2f} GB/s   triad {stream.triad_GB_per_s:8.2f} GB/s  "
         f"({stream.threads} threads, {stream.array_MiB} MiB arrays; read is the effective bandwidth)"
@@ -256,6 +265,14 @@ def probe_command(
         typer.echo(
             f"llama.cpp matvec {r.ggml_type.name:<5} {r.weights_per_s / 1e9:7.2f} G weights/s ({r.seconds_per_token * 1e3:.2f} ms/token, median of "
             f"{r.tokens}; {r.bytes_per_token / 1e6:.0f} MB/token = {r.bytes_per_s / 1e9:.2f} GB/s, {r.bytes_per_s / 1e9 / stream.read_GB_per_s:.0%} of read)"
+        )
+    if attention_result is not None:
+        r = attention_result
+        extra_s = r.seconds_per_token[-1] - r.seconds_per_token[0]
+        typer.echo(
+            f"llama.cpp attention {r.flop_per_s / 1e9:7.2f} GFLOP/s at depth {r.depths[-1]} ({r.flop_per_s_at(1) / 1e9:.2f} from depth "
+            f"{r.depths[1]}): +{extra_s * 1e3:.2f} ms/token over depth 0 ({r.seconds_per_token[0] * 1e3:.2f} ms; medians of >= {r.tokens} steps); "
+            f"{r.kv_bytes[-1] / 1e6:.1f} MB KV/token = {r.kv_bytes[-1] / extra_s / 1e9:.2f} GB/s"
         )
     with atomic_output(out, force=force) as tmp:
         tmp.write_text(f"# written by `recover-lora devices probe` on {profile.date}\n" + profile_toml(profile))

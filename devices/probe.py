@@ -1,6 +1,6 @@
 """`devices probe`: measure this machine and write a device profile.
 
-Four measurements, each honest about what it is:
+Five measurements, each honest about what it is:
 - STREAM-like bandwidth with numpy over arrays far larger than any cache, one slice per thread
   (numpy releases the GIL in these loops): read (a sum: 1 read per element), copy (1 read +
   1 write) and triad a = b + s*c done in cache-sized chunks, so DRAM sees 2 reads + 1 write per
@@ -14,6 +14,8 @@ Four measurements, each honest about what it is:
   per-token overheads that pull both down; pass a bigger GGUF for figures closer to a 4B+ model.
 - llama.cpp's matrix-vector rate per ggml type (devices/matvec.py): weights per second of a
   random-weight model whose every linear is that type; the roofline's per-type compute limit.
+- llama.cpp's decode attention rate (devices/attention.py): the roofline's attention FLOPs at a
+  deep KV cache over the extra seconds per token they cost; the attention group's compute limit.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recover_lora.devices.attention import ATTENTION_PROBE_INTERMEDIATE, AttentionResult
 from recover_lora.devices.matvec import MATVEC_VOCAB_SIZE, MatvecResult
 from recover_lora.devices.profiles import GB, TFLOP, DeviceProfile
 from recover_lora.errors import RecoverLoraError
@@ -252,8 +255,9 @@ def probe(
 ) -> tuple[DeviceProfile, StreamResult, DecodeResult | None]:
     """Measure this machine; return its profile (STREAM read as effective bandwidth) and the raw results.
 
-    llama.cpp's per-type matrix-vector rates are a separate, slower step (devices/matvec.py):
-    `with_matvec_rates(profile, matvec_rates(threads=...), ...)` adds them to the profile.
+    llama.cpp's per-type matrix-vector rates and its attention rate are separate, slower steps
+    (devices/matvec.py, devices/attention.py): `with_matvec_rates(profile, matvec_rates(threads=...), ...)`
+    and `with_attention_rate(profile, attention_rate(threads=...), ...)` add them to the profile.
 
     Example:
         profile, stream, decode = probe(threads=2)
@@ -325,3 +329,22 @@ def with_matvec_rates(profile: DeviceProfile, results: list[MatvecResult], shape
     )
     rates = {**profile.matvec_weights_per_s, **{r.ggml_type: float(f"{r.weights_per_s:.4g}") for r in results}}
     return replace(profile, matvec_weights_per_s=rates, sources={**profile.sources, "matvec": source})
+
+
+def with_attention_rate(profile: DeviceProfile, result: AttentionResult, shape: str, layers: int, threads: int) -> DeviceProfile:
+    """`profile` with the rate `attention_rate(shape, layers, depth, threads)` measured, and its source.
+
+    Example:
+        profile = with_attention_rate(profile, attention_rate(threads=2), "qwen3-4b", 8, threads=2)
+    """
+    today = datetime.date.today().isoformat()
+    times = ", ".join(f"{s * 1e3:.2f} ms at {d}" for d, s in zip(result.depths, result.seconds_per_token))
+    source = (
+        f"measured {today} by `recover-lora devices probe`: llama.cpp CPU decode (F16 KV cache, no flash attention), {threads} threads, "
+        f"of random-weight {shape} cut to {layers} layers (MLP {ATTENTION_PROBE_INTERMEDIATE} wide, vocab {MATVEC_VOCAB_SIZE}); roofline "
+        f"attention FLOPs at depth {result.depths[-1]} / (seconds per token there - at depth 0), each the mean of median step times in "
+        f"windows timed at depths {', '.join(map(str, result.depths + result.depths[-2::-1]))}: {times}; the rate from depth "
+        f"{result.depths[1]} is {result.flop_per_s_at(1) / 1e9:.1f} GFLOP/s (linearity check); 1-min load {result.load_1min:.2f}"
+    )
+    rate = float(f"{result.flop_per_s / TFLOP:.4g}")
+    return replace(profile, attention_compute_TFLOP_per_s=rate, sources={**profile.sources, "attention_compute": source})

@@ -66,6 +66,10 @@ class DeviceProfile:
     # Rate of llama.cpp's quantized-weight dot products where it differs from the float peak
     # (int8 SDOT/dp4a on CPU and CUDA back ends); the weights op group uses it.
     quantized_compute_TFLOP_per_s: float | None = None
+    # Rate of llama.cpp's decode attention over the KV cache (per-head F16 dot products and
+    # softmax, `devices probe`), in the roofline's attention FLOPs; where present the attention
+    # op group uses it instead of the float peak, which it is far below on a CPU.
+    attention_compute_TFLOP_per_s: float | None = None
     # `<stem>_source` text for every number, by stem ("peak_bandwidth", ...).
     sources: dict[str, str] = field(default_factory=dict)
     # Other measured numbers (unit in the key), e.g. llama_cpp_decode_bandwidth_GB_per_s.
@@ -101,6 +105,7 @@ class DeviceProfile:
             "peak_bandwidth_GB_per_s": self.peak_bandwidth_GB_per_s,
             "effective_bandwidth_GB_per_s": self.effective_bandwidth_GB_per_s,
             "quantized_compute_TFLOP_per_s": self.quantized_compute_TFLOP_per_s,
+            "attention_compute_TFLOP_per_s": self.attention_compute_TFLOP_per_s,
             **self.extra,
         }
         return {k: v for k, v in values.items() if v is not None}
@@ -109,6 +114,11 @@ class DeviceProfile:
         """'; matrix-vector G weights/s: Q4_K 50.1, Q2_K 31.2' where the profile has per-type rates, else ''."""
         rates = self.matvec_weights_per_s
         return ("; matrix-vector G weights/s: " + ", ".join(f"{t.name} {r / 1e9:.1f}" for t, r in rates.items())) if rates else ""
+
+    def attention_text(self) -> str:
+        """'; attention 24.9 GFLOP/s' where the profile has a measured attention rate, else ''."""
+        rate = self.attention_compute_TFLOP_per_s
+        return f"; attention {rate * TFLOP / 1e9:.1f} GFLOP/s" if rate is not None else ""
 
     @property
     def bandwidth_kind(self) -> str:
@@ -129,6 +139,12 @@ class DeviceProfile:
     def quantized_compute_flop_per_s(self) -> float:
         """Matrix products with quantized weights: the quantized rate where known, else the float peak."""
         value = self.quantized_compute_TFLOP_per_s if self.quantized_compute_TFLOP_per_s is not None else self.peak_compute_TFLOP_per_s
+        return value * TFLOP
+
+    @property
+    def attention_flop_per_s(self) -> float:
+        """Decode attention over the KV cache: the measured attention rate where known, else the float peak."""
+        value = self.attention_compute_TFLOP_per_s if self.attention_compute_TFLOP_per_s is not None else self.peak_compute_TFLOP_per_s
         return value * TFLOP
 
     @classmethod
@@ -157,7 +173,13 @@ class DeviceProfile:
                 raise RecoverLoraError(f"{where}: missing {required!r}")
         if "peak_compute_TFLOP_per_s" not in numbers:
             raise RecoverLoraError(f"{where}: missing peak_compute_TFLOP_per_s")
-        main_keys = ("peak_compute_TFLOP_per_s", "peak_bandwidth_GB_per_s", "effective_bandwidth_GB_per_s", "quantized_compute_TFLOP_per_s")
+        main_keys = (
+            "peak_compute_TFLOP_per_s",
+            "peak_bandwidth_GB_per_s",
+            "effective_bandwidth_GB_per_s",
+            "quantized_compute_TFLOP_per_s",
+            "attention_compute_TFLOP_per_s",
+        )
         return cls(
             key=key,
             name=known["name"],
@@ -167,6 +189,7 @@ class DeviceProfile:
             peak_bandwidth_GB_per_s=numbers.get("peak_bandwidth_GB_per_s"),
             effective_bandwidth_GB_per_s=numbers.get("effective_bandwidth_GB_per_s"),
             quantized_compute_TFLOP_per_s=numbers.get("quantized_compute_TFLOP_per_s"),
+            attention_compute_TFLOP_per_s=numbers.get("attention_compute_TFLOP_per_s"),
             sources=sources,
             extra={k: v for k, v in numbers.items() if k not in main_keys},
             matvec_weights_per_s=table.get(MATVEC_KEY) or {},

@@ -18,11 +18,16 @@ Per decode token (one new token, `ctx` tokens already in the KV cache):
   its own group. The other weight parts stay together as one "weights" group whose compute time
   is FLOPs / the quantized dot-product rate (int8 on CPU and CUDA back ends) where the profile
   has one, else the float peak; so a profile without per-type rates gives exactly the one-group
-  model. Attention runs in float.
+  model. The attention group's compute time is its FLOPs / llama.cpp's measured decode attention
+  rate where the profile has one (`attention_compute_TFLOP_per_s`, from `devices probe`: on a
+  small CPU its per-head F16 dot products and softmax take several times the KV bytes' memory
+  time), else FLOPs / the float peak; a profile without it gives exactly the older numbers.
 Prefill is taken as compute-bound: the same FLOPs per token (at that depth) over the FLOP rates
-(the per-type rates are matrix-vector rates, which do not describe batched prompt processing).
-Left out on purpose: activations, norms' arithmetic, softmax, sampling and kernel-launch
-overheads; they are small for 4B-20B models and make the model an upper bound on speed.
+(the per-type and attention rates are single-token decode rates, which do not describe batched
+prompt processing).
+Left out on purpose: activations, norms' arithmetic, softmax (a measured attention rate includes
+it), sampling and kernel-launch overheads; they are small for 4B-20B models and make the model
+an upper bound on speed.
 """
 
 from __future__ import annotations
@@ -270,6 +275,8 @@ def decode_times(cost: TokenCost, profile: DeviceProfile) -> list[GroupTime]:
     A weight part whose type has a matrix-vector rate in the profile is its own group, with compute
     seconds = matmul weights / rate. The other weight parts form one group checked against the
     quantized FLOP rate, named "weights" when no part has a rate (the one-group model, unchanged).
+    The attention group's compute seconds are its FLOPs / the profile's attention rate (the
+    measured llama.cpp rate where probed, else the float peak, as before).
     """
     bandwidth, rates = profile.bandwidth_bytes_per_s, profile.matvec_weights_per_s
     rated = [p for p in cost.weight_parts if p.ggml_type in rates]
@@ -278,7 +285,7 @@ def decode_times(cost: TokenCost, profile: DeviceProfile) -> list[GroupTime]:
     if rest:
         weights = _merged("weights " + "+".join(p.ggml_type.name for p in rest) if rated else "weights", rest)
         times.append(GroupTime(weights.name, weights.bytes / bandwidth, weights.flops / profile.quantized_compute_flop_per_s))
-    times.append(GroupTime("attention", cost.attention.bytes / bandwidth, cost.attention.flops / profile.compute_flop_per_s))
+    times.append(GroupTime("attention", cost.attention.bytes / bandwidth, cost.attention.flops / profile.attention_flop_per_s))
     return times
 
 

@@ -49,6 +49,7 @@ class PipelinePreset:
     synth_batch_size: int
     probe_array_mib: int = 256  # STREAM arrays of the bandwidth probe: far larger than any cache
     matvec_layers: int = 2  # layers of the per-type matrix-vector probe models (devices/matvec.py); 0 = skip
+    attention_layers: int = 8  # layers of the attention-rate probe model (devices/attention.py); 0 = skip
 
 
 PIPELINE_PRESETS = {
@@ -67,7 +68,7 @@ PIPELINE_PRESETS = {
     # Its numbers mean nothing.
     "smoke": PipelinePreset(
         name="smoke", eval_tasks="quick3", eval_limit=4, heldout_tokens=512, bench_depths=(0,), bench_repeats=1,
-        bench_n_gen=4, roofline_contexts=(0, 256), synth_batch_size=8, probe_array_mib=16, matvec_layers=0,
+        bench_n_gen=4, roofline_contexts=(0, 256), synth_batch_size=8, probe_array_mib=16, matvec_layers=0, attention_layers=0,
     ),
 }
 
@@ -356,8 +357,9 @@ class Pipeline:
         return self._step("eval", inputs, outputs, action)
 
     def bench(self) -> dict:
+        from recover_lora.devices.attention import DEFAULT_ATTENTION_DEPTH, DEFAULT_ATTENTION_SHAPE, attention_rate
         from recover_lora.devices.matvec import DEFAULT_MATVEC_SHAPE, DEFAULT_MATVEC_TYPES, matvec_rates
-        from recover_lora.devices.probe import probe, with_matvec_rates
+        from recover_lora.devices.probe import probe, with_attention_rate, with_matvec_rates
         from recover_lora.devices.profiles import profile_toml
         from recover_lora.devices.roofline import AdapterFile, roofline_table
         from recover_lora.devices.shapes import load_model_shape
@@ -367,7 +369,7 @@ class Pipeline:
         variants = {label: files for label, files in self._variant_files().items() if label != "teacher"}
         settings = {"depths": self.preset.bench_depths, "repeats": self.preset.bench_repeats,
                     "n_gen": self.preset.bench_n_gen, "threads": self.config.threads, "contexts": self.preset.roofline_contexts,
-                    "matvec_layers": self.preset.matvec_layers}
+                    "matvec_layers": self.preset.matvec_layers, "attention_layers": self.preset.attention_layers}
         files = sorted({p for pair in variants.values() for p in pair if p is not None})
         inputs = {"settings": settings, **self._hash(*files)}
 
@@ -379,6 +381,10 @@ class Pipeline:
                 say("[bench] llama.cpp's matrix-vector rate per ggml type ...")
                 rates = matvec_rates(DEFAULT_MATVEC_TYPES, DEFAULT_MATVEC_SHAPE, self.preset.matvec_layers, stream.threads)
                 profile = with_matvec_rates(profile, rates, DEFAULT_MATVEC_SHAPE, self.preset.matvec_layers, stream.threads)
+            if self.preset.attention_layers:
+                say("[bench] llama.cpp's decode attention rate over the KV cache ...")
+                attention = attention_rate(DEFAULT_ATTENTION_SHAPE, self.preset.attention_layers, DEFAULT_ATTENTION_DEPTH, stream.threads)
+                profile = with_attention_rate(profile, attention, DEFAULT_ATTENTION_SHAPE, self.preset.attention_layers, stream.threads)
             with atomic_output(self.path["host"], force=True) as tmp:
                 tmp.write_text(profile_toml(profile))
             config = BenchConfig(depths=self.preset.bench_depths, repeats=self.preset.bench_repeats,
@@ -397,7 +403,7 @@ class Pipeline:
                 predictions[label] = [r.to_dict() for r in rows]
             with atomic_output(self.path["roofline"], force=True) as tmp:
                 tmp.write_text(json.dumps({"profile": profile.to_table(), "predictions": predictions}, indent=2, default=str))
-            return {"line": f"{len(records)} records, read bandwidth {stream.read_GB_per_s:.1f} GB/s{profile.matvec_text()}",
+            return {"line": f"{len(records)} records, read bandwidth {stream.read_GB_per_s:.1f} GB/s{profile.matvec_text()}{profile.attention_text()}",
                     "n_records": len(records)}
 
         return self._step("bench", inputs, outputs, action)

@@ -76,6 +76,8 @@ def profile_text(profile: dict) -> str:
     rates = profile.get("matvec_weights_per_s")
     if rates:
         text += "; llama.cpp matrix-vector rates (G weights/s): " + ", ".join(f"{t} {r / 1e9:.1f}" for t, r in rates.items())
+    if profile.get("attention_compute_TFLOP_per_s"):
+        text += f"; llama.cpp attention {profile['attention_compute_TFLOP_per_s'] * 1e3:.1f} GFLOP/s"
     return text
 
 

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as T
 
 from recover_lora.cli import main
 from recover_lora.devices.calibrate import calibrate, parse_record
-from recover_lora.devices.probe import fingerprint, parallel_sum, stream_bandwidth, with_matvec_rates
+from recover_lora.devices.probe import fingerprint, parallel_sum, stream_bandwidth, with_attention_rate, with_matvec_rates
 from recover_lora.devices.profiles import (
     CURATED_PROFILES,
     UNIT_SUFFIXES,
@@ -42,6 +42,15 @@ TINY_TENSORS = {  # one llama block, untied output; numpy (out, in) shapes
     "blk.0.ffn_gate.weight": (FFN, HIDDEN),
     "blk.0.ffn_up.weight": (FFN, HIDDEN),
     "blk.0.ffn_down.weight": (HIDDEN, FFN),
+}
+
+
+# A tiny llama whose attention is wide enough (4 query heads of 128, 2 KV heads) for its time to
+# stand out of a decode step's noise at a 1024-token cache.
+ATTENTION_CONFIG = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 512, "intermediate_size": 512,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128, "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
 }
 
 
@@ -146,6 +155,43 @@ def test_probe_profile_round_trips_through_toml(results):
     assert loaded.matvec_weights_per_s == profile.matvec_weights_per_s and loaded.sources["matvec"] == "probe"
 
 
+def test_attention_rate_round_trips_through_toml(results, capsys):
+    profile = DeviceProfile(
+        key="host", name="me", device_class="host", backend="CPU (2 threads)", peak_compute_TFLOP_per_s=0.05,
+        effective_bandwidth_GB_per_s=12.5, attention_compute_TFLOP_per_s=0.02491,
+        sources={"peak_compute": "measured", "effective_bandwidth": "measured", "attention_compute": "attention probe"},
+    )
+    results.mkdir()
+    text = profile_toml(profile)
+    assert 'attention_compute_TFLOP_per_s = 0.02491\nattention_compute_source = "attention probe"' in text
+    (results / "host.toml").write_text(text)
+    loaded = get_profile("host")
+    assert loaded.attention_compute_TFLOP_per_s == 0.02491 and loaded.sources["attention_compute"] == "attention probe"
+    assert loaded.numbers() == profile.numbers() and loaded.extra == {}
+    assert run_cli(["devices", "show", "host"]) == 0
+    assert "attention_compute_TFLOP_per_s = 0.02491\n      source: attention probe" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("attention_compute_TFLOP_per_s = 0.0", "attention_compute_TFLOP_per_s=0.0 must be a positive number"),
+        ("attention_compute_TFLOP_per_s = -0.02", "attention_compute_TFLOP_per_s=-0.02 must be a positive number"),
+        ('attention_compute_TFLOP_per_s = "fast"', "attention_compute_TFLOP_per_s='fast' must be a positive number"),
+        ("attention_compute_TFLOP_per_s = 0.02", "attention_compute_TFLOP_per_s has no attention_compute_source"),
+    ],
+)
+def test_bad_attention_rate_in_a_profile_file_is_a_one_line_error(results, line, message):
+    results.mkdir()
+    (results / "host.toml").write_text(
+        '[host]\nname = "h"\ndevice_class = "host"\nbackend = "CPU"\npeak_compute_TFLOP_per_s = 0.1\npeak_compute_source = "s"\n'
+        f'effective_bandwidth_GB_per_s = 10.0\neffective_bandwidth_source = "s"\n{line}\n'
+    )
+    with pytest.raises(RecoverLoraError, match=re.escape(message)) as info:
+        load_profiles()
+    assert "\n" not in str(info.value) and "host.toml" in str(info.value)
+
+
 @pytest.mark.parametrize(
     "rates, message",
     [
@@ -231,15 +277,25 @@ def test_matvec_probe_measures_every_requested_type(stories_dir):
     assert "weights Q2_K:" in estimate(token_cost(load_model_shape("qwen3-4b"), "gateup", 0), profile).decode_bound
 
 
-def test_probe_cli_with_llama_cpp_writes_matvec_rates(tmp_path, results, stories_dir, capsys):
+def test_probe_cli_with_llama_cpp_writes_matvec_and_attention_rates(tmp_path, results, stories_dir, capsys):
     from recover_lora.export.quantize import export_model
 
     gguf_path = export_model(stories_dir, tmp_path / "stories.w4.gguf", "w4", threads=1).path
-    args = ["devices", "probe", "--gguf", str(gguf_path), "--stream-mib", "8", "--threads", "1"]
-    assert run_cli([*args, "--matvec-shape", str(stories_dir), "--matvec-layers", "1", "--matvec-types", "q2_k,Q4_K"]) == 0
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(ATTENTION_CONFIG))
+    args = ["devices", "probe", "--gguf", str(gguf_path), "--stream-mib", "8", "--threads", "1", "--matvec-shape", str(config)]
+    shapes = ["--matvec-layers", "1", "--matvec-types", "q2_k,Q4_K", "--attention-layers", "1", "--attention-depth", "1024"]
+    assert run_cli([*args, *shapes]) == 0
     out = capsys.readouterr().out
     assert re.search(r"llama.cpp matvec Q2_K .* G weights/s", out) and "STREAM read" in out
-    assert list(get_profile("host").matvec_weights_per_s) == [T.Q2_K, T.Q4_K]
+    assert re.search(r"llama.cpp attention .* GFLOP/s at depth 1024 \(.* from depth 512\)", out)
+    profile = get_profile("host")
+    assert list(profile.matvec_weights_per_s) == [T.Q2_K, T.Q4_K]
+    assert profile.attention_compute_TFLOP_per_s > 0 and "depth 1024" in profile.sources["attention_compute"]
+    assert run_cli(["devices", "show", "host"]) == 0
+    assert "attention_compute_TFLOP_per_s = " in capsys.readouterr().out
+    assert run_cli(["roofline", "--device", "host", "--ctx", "0"]) == 0
+    assert re.search(r"; attention \d+\.\d GFLOP/s", capsys.readouterr().out)
 
 
 def test_matvec_probe_bad_input_is_one_line_error(capsys):
@@ -252,6 +308,40 @@ def test_matvec_probe_bad_input_is_one_line_error(capsys):
         matvec_rates(shape="no-such-shape")
     with pytest.raises(RecoverLoraError, match="--matvec-layers 0 must be >= 1"):
         matvec_rates(layers=0)
+
+
+def test_attention_probe_on_a_tiny_shape_gives_a_positive_rate(tmp_path):
+    from recover_lora.devices.attention import attention_rate
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(ATTENTION_CONFIG))
+    result = attention_rate(str(config), layers=1, depth=1024, threads=1, seconds=0.2)
+    assert result.depths == (0, 512, 1024) and result.tokens >= 8
+    # The roofline's counts for 1 layer: 4 FLOPs x 4 query heads x 128 per cached token; K and V of 2 KV heads x 128 in F16.
+    assert result.attention_flops == (0, 4 * 4 * 128 * 512, 4 * 4 * 128 * 1024)
+    assert result.kv_bytes == (0, 2 * 2 * 128 * 2 * 512, 2 * 2 * 128 * 2 * 1024)
+    assert 0 < result.flop_per_s < float("inf")
+    base = DeviceProfile(
+        key="host", name="me", device_class="host", backend="CPU", peak_compute_TFLOP_per_s=0.1, effective_bandwidth_GB_per_s=10.0,
+        sources={"peak_compute": "test", "effective_bandwidth": "test"},
+    )
+    profile = with_attention_rate(base, result, "tiny", 1, threads=1)
+    assert profile.attention_compute_TFLOP_per_s == pytest.approx(result.flop_per_s / 1e12, rel=1e-3)
+    assert "llama.cpp" in profile.sources["attention_compute"]
+    loaded = DeviceProfile.from_table("host", tomllib.loads(profile_toml(profile))["host"])
+    assert loaded.attention_compute_TFLOP_per_s == profile.attention_compute_TFLOP_per_s
+    assert loaded.sources["attention_compute"] == profile.sources["attention_compute"]
+
+
+def test_attention_probe_bad_input_is_one_line_error(capsys):
+    from recover_lora.devices.attention import attention_rate
+
+    for option, value, message in (("--attention-depth", "1000", "--attention-depth 1000 must be a positive multiple of 512"), ("--attention-layers", "0", "--attention-layers 0 must be >= 1")):
+        assert run_cli(["devices", "probe", "--no-matvec", option, value]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    with pytest.raises(RecoverLoraError, match="neither a bundled shape"):
+        attention_rate(shape="no-such-shape")
 
 
 def test_probe_cli_writes_host_profile_the_roofline_uses(results, capsys):

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as T
 from recover_lora.cli import main
 from recover_lora.devices.profiles import DeviceProfile, get_profile
 from recover_lora.devices.reproduce import PAPER_RATIO_RANGE, reproduction_markdown, reproduction_rows
-from recover_lora.devices.roofline import AdapterSpec, estimate, roofline_table, token_cost
+from recover_lora.devices.roofline import AdapterSpec, decode_times, estimate, roofline_table, token_cost
 from recover_lora.devices.shapes import ModelShape, padded_shape, tensors_for_policy
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.model import ModelConfig
@@ -269,3 +269,49 @@ def test_rated_part_near_its_memory_time_is_labelled_memory_but_timed_by_its_rat
         assert row.decode_bound.startswith(f"weights Q4_K:{label}, ")
         rest_bytes = cost.weights.bytes - q4k.bytes
         assert 1 / row.decode_tokens_per_s == pytest.approx(slower * memory_s + max(rest_bytes / 10e9, (cost.weights.flops - q4k.flops) / 1e9))
+
+
+def attention_profile(attention_TFLOP_per_s: float | None, bandwidth_GB_per_s: float = 10.0) -> DeviceProfile:
+    """A hand-made profile with a fast float peak and, if given, a measured attention rate."""
+    sources = {"peak_compute": "t", "effective_bandwidth": "t"} | ({"attention_compute": "t"} if attention_TFLOP_per_s else {})
+    return DeviceProfile(
+        key="x", name="x", device_class="host", backend="cpu", peak_compute_TFLOP_per_s=1000.0, effective_bandwidth_GB_per_s=bandwidth_GB_per_s,
+        attention_compute_TFLOP_per_s=attention_TFLOP_per_s, sources=sources,
+    )
+
+
+def test_measured_attention_rate_times_the_attention_group():
+    cost = token_cost(tiny_shape(), "w4", 4096)
+    slow, fast = attention_profile(1e-6), attention_profile(1e3)
+    weights_s = cost.weights.bytes / 10e9
+    row = estimate(cost, slow)
+    assert row.decode_bound == "weights:memory, attention:compute"
+    assert 1 / row.decode_tokens_per_s == pytest.approx(weights_s + cost.attention.flops / 1e6)  # 4 x 4 heads x 64 x 4096 x 2 layers
+    assert cost.attention.flops == 4 * 4 * 64 * 4096 * 2
+    # A rate faster than the KV bytes' memory time leaves the memory time: max(bytes / bandwidth, FLOPs / rate).
+    row = estimate(cost, fast)
+    assert row.decode_bound == "weights:memory, attention:memory"
+    assert 1 / row.decode_tokens_per_s == pytest.approx(weights_s + cost.attention.bytes / 10e9)
+    # Prefill stays on the float peak: the rate describes single-token decode only.
+    assert estimate(cost, slow).prefill_tokens_per_s == estimate(cost, attention_profile(None)).prefill_tokens_per_s
+
+
+def test_profile_without_attention_rate_keeps_the_float_peak_rule():
+    cost = token_cost(tiny_shape(), "gateup", 1000)
+    for profile in (get_profile("m2"), attention_profile(None, 1e-3)):
+        attention = next(t for t in decode_times(cost, profile) if t.name == "attention")
+        assert attention.compute_s == cost.attention.flops / profile.compute_flop_per_s  # exactly the old rule
+        assert profile.attention_flop_per_s == profile.compute_flop_per_s and profile.attention_text() == ""
+    assert attention_profile(0.025).attention_text() == "; attention 25.0 GFLOP/s"
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, "fast", True])
+def test_bad_attention_rates_are_one_line_errors(value):
+    with pytest.raises(RecoverLoraError, match=re.escape(f"attention_compute_TFLOP_per_s={value!r} must be a positive number")) as info:
+        attention_profile(value)
+    assert "\n" not in str(info.value)
+    with pytest.raises(RecoverLoraError, match="no attention_compute_source"):
+        DeviceProfile(
+            key="x", name="x", device_class="host", backend="cpu", peak_compute_TFLOP_per_s=1.0, effective_bandwidth_GB_per_s=1.0,
+            attention_compute_TFLOP_per_s=0.02, sources={"peak_compute": "t", "effective_bandwidth": "t"},
+        )
