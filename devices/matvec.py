@@ -69,6 +69,7 @@ class MatvecResult:
 def probe_config(shape: str, layers: int) -> dict:
     """The Hugging Face config of `shape` (bundled name or config.json) cut to `layers` layers, small vocabulary."""
     from recover_lora.devices.shapes import SHAPES_DIR, bundled_shape_names
+    from recover_lora.export.sources import read_hf_config
 
     if layers < 1:
         raise RecoverLoraError(f"--matvec-layers {layers} must be >= 1")
@@ -77,11 +78,8 @@ def probe_config(shape: str, layers: int) -> dict:
         path = path / "config.json"
     if not path.is_file():
         raise RecoverLoraError(f"--matvec-shape {shape!r} is neither a bundled shape ({', '.join(bundled_shape_names())}) nor a config.json")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RecoverLoraError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or "num_hidden_layers" not in config:
+    config = read_hf_config(path)
+    if "num_hidden_layers" not in config:
         raise RecoverLoraError(f"{path} is not a Hugging Face config.json (no num_hidden_layers)")
     return {**config, "num_hidden_layers": layers, "vocab_size": MATVEC_VOCAB_SIZE}
 

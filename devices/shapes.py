@@ -8,7 +8,6 @@ width padding (`export.pad.padded_config`) when a K-quant needs rows of a multip
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from gguf import GGMLQuantizationType as T
 
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.model import ModelConfig
+from recover_lora.export.sources import read_hf_config
 from recover_lora.export.pad import K_QUANT_BLOCK, linear_row_widths, needs_padding, padded_config
 from recover_lora.export.policy import Policy, is_quantizable, policy_names
 
@@ -64,18 +64,8 @@ def bundled_shape_names() -> list[str]:
     return sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RecoverLoraError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise RecoverLoraError(f"{path} must hold a JSON object (a Hugging Face config.json)")
-    return data
-
-
 def _shape_from_hf_config(path: Path, name: str, source: str) -> ModelShape:
-    data = _read_json(path)
+    data = read_hf_config(path)
     try:
         config = ModelConfig.from_hf_config(data, name=name)
     except KeyError as e:
@@ -106,7 +96,7 @@ def load_model_shape(model: str | Path) -> ModelShape:
     text = str(model).strip()
     bundled = SHAPES_DIR / f"{text.lower()}.json"
     if "/" not in text and bundled.is_file():
-        source = _read_json(bundled).get("_source", "")
+        source = read_hf_config(bundled).get("_source", "")
         return _shape_from_hf_config(bundled, text.lower(), source)
     path = Path(text)
     if path.is_dir():

@@ -137,6 +137,17 @@ def byte_tokenizer(vocab_size: int) -> TokenizerSpec:
     )
 
 
+def read_hf_config(path: Path) -> dict:
+    """A Hugging Face config.json as a dict; bad JSON or a non-object is a one-line error."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RecoverLoraError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RecoverLoraError(f"{path} must hold a JSON object (a Hugging Face config.json)")
+    return data
+
+
 def random_model(config_path: str | Path, seed: int = 0) -> ModelWeights:
     """A model of a config.json's shape with random weights and a byte vocabulary.
 
@@ -151,11 +162,7 @@ def random_model(config_path: str | Path, seed: int = 0) -> ModelWeights:
         path = path / "config.json"
     if not path.is_file():
         raise RecoverLoraError(f"--random-weights needs a config.json (file or folder); {path} does not exist")
-    try:
-        raw_config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RecoverLoraError(f"{path} is not valid JSON: {e}") from None
-    config = ModelConfig.from_hf_config(raw_config, name=f"random-{path.stem if path.stem != 'config' else path.parent.name}")
+    config = ModelConfig.from_hf_config(read_hf_config(path), name=f"random-{path.stem if path.stem != 'config' else path.parent.name}")
     loaders = {}
     for index, name in enumerate(_expected_hf_tensors(config)):
         shape = hf_tensor_shape(name, config)
@@ -178,11 +185,7 @@ def load_hf_folder(folder: str | Path) -> ModelWeights:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise RecoverLoraError(f"{folder} has no config.json; give a Hugging Face model folder or a .gguf file")
-    try:
-        raw_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise RecoverLoraError(f"{config_path} is not valid JSON: {e}") from None
-    config = ModelConfig.from_hf_config(raw_config, name=folder.resolve().name)
+    config = ModelConfig.from_hf_config(read_hf_config(config_path), name=folder.resolve().name)
     loaders = _hf_tensor_loaders(_safetensors_files(folder))
     if config.tie_word_embeddings:
         loaders.pop("lm_head.weight", None)  # some tied checkpoints still store the copy

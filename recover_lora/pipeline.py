@@ -169,19 +169,6 @@ def digest_of(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def finished_eval(path: Path, settings=None) -> dict | None:
-    """The results in `path` if that eval finished (with `settings`, when given), else None."""
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not result.get("complete"):
-        return None
-    if settings is not None and result.get("identity") != json.loads(json.dumps(settings.identity())):
-        return None
-    return result
-
-
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -328,7 +315,7 @@ class Pipeline:
                 "gateup+adapter": (self.path["gateup"], adapter)}
 
     def eval(self) -> dict:
-        from recover_lora.runtime.evaluate import EvalSettings, run_eval
+        from recover_lora.runtime.evaluate import EvalSettings, finished_results, run_eval
 
         folder = self.path["eval"]
         outputs = [folder / f"{label}.json" for label in VARIANTS]
@@ -346,9 +333,9 @@ class Pipeline:
                                         limit=self.preset.eval_limit, label=label, threads=self.config.threads)
                 path = folder / f"{label}.json"
                 # A killed eval keeps the variants it finished, and run_eval resumes a partial file task by task.
-                result = finished_eval(path, settings) if self.resuming else None
+                result = finished_results(path, settings) if self.resuming else None
                 if result is None:
-                    stale = finished_eval(path) is not None  # finished, but with other settings
+                    stale = finished_results(path) is not None  # finished, but with other settings
                     result = run_eval(settings, path, force=not self.resuming or stale, progress=say)
                 values = [t[t["metric"]]["value"] for t in result["tasks"].values()]
                 averages[label] = sum(values) / len(values)

@@ -217,6 +217,19 @@ def _offline_environment() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def finished_results(out_path: Path, settings: EvalSettings | None = None) -> dict | None:
+    """The results in `out_path` if that eval finished (with `settings`' identity, when given), else None."""
+    try:
+        result = json.loads(Path(out_path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(result, dict) or not result.get("complete"):
+        return None
+    if settings is not None and result.get("identity") != json.loads(json.dumps(settings.identity())):
+        return None
+    return result
+
+
 def _resume(out_path: Path, settings: EvalSettings, force: bool) -> dict | None:
     if not out_path.exists() or force:
         return None

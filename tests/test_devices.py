@@ -172,6 +172,13 @@ def test_attention_rate_round_trips_through_toml(results, capsys):
     assert "attention_compute_TFLOP_per_s = 0.02491\n      source: attention probe" in capsys.readouterr().out
 
 
+# The smallest valid host profile table; tests append the line under test.
+MINIMAL_HOST_PROFILE = (
+    '[host]\nname = "h"\ndevice_class = "host"\nbackend = "CPU"\npeak_compute_TFLOP_per_s = 0.1\npeak_compute_source = "s"\n'
+    'effective_bandwidth_GB_per_s = 10.0\neffective_bandwidth_source = "s"\n'
+)
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
@@ -184,8 +191,7 @@ def test_attention_rate_round_trips_through_toml(results, capsys):
 def test_bad_attention_rate_in_a_profile_file_is_a_one_line_error(results, line, message):
     results.mkdir()
     (results / "host.toml").write_text(
-        '[host]\nname = "h"\ndevice_class = "host"\nbackend = "CPU"\npeak_compute_TFLOP_per_s = 0.1\npeak_compute_source = "s"\n'
-        f'effective_bandwidth_GB_per_s = 10.0\neffective_bandwidth_source = "s"\n{line}\n'
+        f"{MINIMAL_HOST_PROFILE}{line}\n"
     )
     with pytest.raises(RecoverLoraError, match=re.escape(message)) as info:
         load_profiles()
@@ -204,8 +210,7 @@ def test_bad_attention_rate_in_a_profile_file_is_a_one_line_error(results, line,
 def test_bad_matvec_rates_in_a_profile_file_are_one_line_errors(results, rates, message):
     results.mkdir()
     (results / "host.toml").write_text(
-        '[host]\nname = "h"\ndevice_class = "host"\nbackend = "CPU"\npeak_compute_TFLOP_per_s = 0.1\npeak_compute_source = "s"\n'
-        f'effective_bandwidth_GB_per_s = 10.0\neffective_bandwidth_source = "s"\nmatvec_source = "s"\n{rates}\n'
+        f'{MINIMAL_HOST_PROFILE}matvec_source = "s"\n{rates}\n'
     )
     with pytest.raises(RecoverLoraError, match=re.escape(message)) as info:
         load_profiles()
