@@ -44,7 +44,8 @@ def _adapter(rank: int, modules: str, ggml_type: str):
     if rank < 0:
         raise RecoverLoraError(f"--adapter-rank {rank} must be >= 0 (0 = no adapter)")
     # Short names as in `recover-lora recover` (gate, up, ...) or llama.cpp names (ffn_gate, ...).
-    short = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+    short = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "qkv": "attn_qkv", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
+             "down": "ffn_down"}
     names = tuple(short.get(m, m) for m in _split(modules))
     return AdapterSpec(rank=rank, modules=names, ggml_type=parse_ggml_type(ggml_type))
 
@@ -69,12 +70,12 @@ def format_table(rows, shape, profile) -> str:
 
 
 def roofline_command(
-    model: Optional[str] = typer.Option(None, "--model", help="Bundled shape (qwen3-4b, llama-3.1-8b, qwen3-14b, mistral-small-22b), a config.json or folder, or a .gguf [default: qwen3-4b]"),
+    model: Optional[str] = typer.Option(None, "--model", help="Bundled shape (qwen3-4b, llama-3.1-8b, qwen3-14b, mistral-small-22b, phi-3-mini, phi-4-mini), a config.json or folder, or a .gguf [default: qwen3-4b]"),
     device: Optional[str] = typer.Option(None, "--device", help="Device profile (see `recover-lora devices list`) [default: m2]"),
     ctx: str = typer.Option(DEFAULT_CONTEXTS, "--ctx", help="Comma-separated context depths (tokens already in the KV cache)"),
     policy: str = typer.Option("w4,gateup", "--policy", help="Comma-separated policies (w4, gateup, gate, up, down, mlp, w2; 'file' = a GGUF's own types)"),
     adapter_rank: int = typer.Option(0, "--adapter-rank", help="LoRA rank to add (0 = no adapter)"),
-    adapter_modules: str = typer.Option("gate,up", "--adapter-modules", help="Adapted linears: q,k,v,o,gate,up,down"),
+    adapter_modules: str = typer.Option("gate,up", "--adapter-modules", help="Adapted linears: q,k,v,qkv,o,gate,up,down (Phi-3: qkv fused, up = gate+up)"),
     adapter_type: str = typer.Option("F16", "--adapter-type", help="Adapter tensor type: F16, BF16 or F32"),
     kv_type: str = typer.Option("F16", "--kv-type", help="KV-cache type (llama.cpp default F16; Q8_0 with -ctk/-ctv q8_0)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON"),

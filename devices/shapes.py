@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as T
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.model import ModelConfig
 from recover_lora.export.sources import read_hf_config
-from recover_lora.export.pad import K_QUANT_BLOCK, linear_row_widths, needs_padding, padded_config
+from recover_lora.export.pad import K_QUANT_BLOCK, misaligned_tensors, needs_padding, padded_config
 from recover_lora.export.policy import Policy, is_quantizable, policy_names
 
 SHAPES_DIR = Path(__file__).with_name("shapes")
@@ -117,46 +117,13 @@ def load_model_shape(model: str | Path) -> ModelShape:
 
 
 def config_tensor_shapes(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """Every tensor a llama-family GGUF of this config holds, by GGUF name, numpy-order shape."""
-    h, hd = config.hidden_size, config.head_dim
-    q_rows, kv_rows = config.num_heads * hd, config.num_kv_heads * hd
-    shapes = [("token_embd.weight", (config.vocab_size, h)), ("output_norm.weight", (h,))]
-    if not config.tie_word_embeddings:
-        shapes.append(("output.weight", (config.vocab_size, h)))
-    if config.rope_scaling is not None and config.rope_scaling.get("rope_type") == "llama3":
-        shapes.append(("rope_freqs.weight", (hd // 2,)))
-    block: list[tuple[str, tuple[int, ...]]] = [
-        ("attn_norm.weight", (h,)),
-        ("attn_q.weight", (q_rows, h)),
-        ("attn_k.weight", (kv_rows, h)),
-        ("attn_v.weight", (kv_rows, h)),
-        ("attn_output.weight", (h, q_rows)),
-        ("ffn_norm.weight", (h,)),
-        ("ffn_gate.weight", (config.intermediate_size, h)),
-        ("ffn_up.weight", (config.intermediate_size, h)),
-        ("ffn_down.weight", (h, config.intermediate_size)),
-    ]
-    if config.arch.attention_bias:
-        block += [("attn_q.bias", (q_rows,)), ("attn_k.bias", (kv_rows,)), ("attn_v.bias", (kv_rows,))]
-    if config.arch.qk_norm:
-        block += [("attn_q_norm.weight", (hd,)), ("attn_k_norm.weight", (hd,))]
-    for layer in range(config.num_layers):
-        shapes += [(f"blk.{layer}.{name}", shape) for name, shape in block]
-    return shapes
+    """Every tensor a GGUF of this config holds, by GGUF name, numpy-order shape (the architecture's own table)."""
+    return list(config.arch.gguf_tensor_shapes(config).items())
 
 
 def _misaligned(config: ModelConfig, policy: Policy) -> list[str]:
-    widths = linear_row_widths(config)
-    bad = []
-    for name, _ in config_tensor_shapes(config):
-        ggml_type = policy.type_for(name) if is_quantizable(name) else None
-        if ggml_type is None:
-            continue
-        kind = name.split(".")[2] if name.startswith("blk.") else name.split(".")[0]
-        block, _ = gguf.GGML_QUANT_SIZES[ggml_type]
-        if widths[kind] % block:
-            bad.append(f"{name} ({ggml_type.name} needs rows of a multiple of {block}, has {widths[kind]})")
-    return bad
+    types = {name: policy.type_for(name) for name, _ in config_tensor_shapes(config) if is_quantizable(name)}
+    return misaligned_tensors({name: t for name, t in types.items() if t is not None}, config)
 
 
 def padded_shape(shape: ModelShape, policy: Policy) -> ModelShape:

@@ -8,24 +8,16 @@ rotary permutation of q/k, so the torch model built from it is the deployed mode
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from recover_lora.errors import RecoverLoraError
-from recover_lora.export.model import (
-    LazyTensors,
-    ModelConfig,
-    ModelWeights,
-    arch_for_gguf,
-    gguf_name,
-    hf_name,
-    permute_for_llama_cpp,
-    rotary_heads,
-    unpermute_from_llama_cpp,
-)
+from recover_lora.export.archs import for_gguf_arch
+from recover_lora.export.archs.base import ROPE_FREQS
+from recover_lora.export.gguf_header import GGUFHeader, read_gguf_header
+from recover_lora.export.model import LazyTensors, ModelConfig, ModelWeights, gguf_name
 from recover_lora.export.tokenizer import TokenizerSpec
 from recover_lora.fileio import atomic_output
 
@@ -34,26 +26,6 @@ from recover_lora.fileio import atomic_output
 UNPADDED_KEY_PREFIX = "recover_lora.unpadded."
 SOURCE_KEY = "recover_lora.source"
 WRITE_DTYPES = {"f32": np.float32, "f16": np.float16}
-
-
-def llama3_rope_freq_factors(config: ModelConfig) -> np.ndarray:
-    """Per-frequency divisors for Llama-3.x rope scaling, as llama.cpp reads from `rope_freqs.weight`
-    (same schedule as Meta's reference `apply_scaling`)."""
-    s = config.rope_scaling
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_context = s["original_max_position_embeddings"]
-    freqs = 1.0 / config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim)
-    factors = []
-    for freq in freqs:
-        wavelen = 2 * math.pi / freq
-        if wavelen < old_context / high:
-            factors.append(1.0)
-        elif wavelen > old_context / low:
-            factors.append(factor)
-        else:
-            smooth = (old_context / wavelen - low) / (high - low)
-            factors.append(1.0 / ((1 - smooth) / factor + smooth))
-    return np.asarray(factors, dtype=np.float32)
 
 
 def _add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig, file_type: int) -> None:
@@ -67,22 +39,16 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig, file_type
     # Explicit head dimension: after width padding, hidden / heads no longer gives it.
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_dimension_count(config.arch.rope_dimension_count(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
-    if config.rope_scaling is not None:
-        rope_type = config.rope_scaling.get("rope_type", config.rope_scaling.get("type"))
-        if rope_type == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
+    config.arch.write_hparams(writer, config)
 
 
 def _gguf_array(hf_tensor_name: str, array: np.ndarray, config: ModelConfig, dtype: type) -> np.ndarray:
-    heads = rotary_heads(hf_tensor_name, config)
-    if heads is not None:
-        array = permute_for_llama_cpp(array, heads)
+    array = config.arch.to_gguf(hf_tensor_name, array, config)
     # llama.cpp keeps 1-D tensors (norms, biases) in F32 whatever the file type.
     return np.ascontiguousarray(array, dtype=np.float32 if array.ndim == 1 else dtype)
 
@@ -106,17 +72,18 @@ def write_gguf(weights: ModelWeights, path: str | Path, dtype: str = "f32", forc
     config = weights.config
     np_dtype = WRITE_DTYPES[dtype]
     file_type = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
-    names = [n for n in weights.tensors if n != "rope_freqs.weight"]
+    # Tensors computed from the config (rope factors) are written from it, not from `weights`.
+    extra = config.arch.extra_gguf_tensors(config)
+    names = [n for n in weights.tensors if n not in extra]
     if config.tie_word_embeddings:
         names = [n for n in names if n != "lm_head.weight"]
-    extra = {}
-    if config.rope_scaling is not None and config.rope_scaling.get("rope_type", config.rope_scaling.get("type")) == "llama3":
-        extra["rope_freqs.weight"] = llama3_rope_freq_factors(config)
-    elif "rope_freqs.weight" in weights.tensors:  # read from a GGUF: pass the factors through
-        extra["rope_freqs.weight"] = np.asarray(weights.tensors["rope_freqs.weight"], dtype=np.float32)
+    if ROPE_FREQS in weights.tensors and ROPE_FREQS not in extra:  # read from a GGUF: pass the factors through
+        extra[ROPE_FREQS] = np.asarray(weights.tensors[ROPE_FREQS], dtype=np.float32)
+        names.remove(ROPE_FREQS)
 
     with atomic_output(path, force) as tmp:
         writer = gguf.GGUFWriter(tmp, config.arch.gguf_arch)
+        gguf_names = {name: gguf_name(name, config) for name in names}
         _add_hyperparameters(writer, config, int(file_type))
         weights.tokenizer.write_to(writer)
         if weights.source:
@@ -128,7 +95,7 @@ def write_gguf(weights: ModelWeights, path: str | Path, dtype: str = "f32", forc
             writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes)
         for name in names:
             array = _gguf_array(name, weights.tensors[name], config, np_dtype)
-            writer.add_tensor_info(gguf_name(name), array.shape, array.dtype, array.nbytes)
+            writer.add_tensor_info(gguf_names[name], array.shape, array.dtype, array.nbytes)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -141,28 +108,26 @@ def write_gguf(weights: ModelWeights, path: str | Path, dtype: str = "f32", forc
     return Path(path)
 
 
-def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    """GGUFReader with a one-line error for a missing, truncated or non-GGUF file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecoverLoraError(f"GGUF file {path} does not exist")
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on bad bytes
-        raise RecoverLoraError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+def open_gguf(path: str | Path) -> GGUFHeader:
+    """Metadata and tensor table of a GGUF in milliseconds (`export.gguf_header`: arrays such as the
+    vocabulary are decoded only when asked for); a missing, truncated or non-GGUF file is one line.
+    It answers like a GGUFReader: `fields`, `get_field(key).contents()`, `tensors[i].data`."""
+    return read_gguf_header(path)
 
 
-def field_value(reader: gguf.GGUFReader, key: str, default=None):
+def field_value(reader: gguf.GGUFReader | GGUFHeader, key: str, default=None):
+    """A metadata value (GGUFReader or GGUFHeader), or `default` if the key is absent."""
     field = reader.get_field(key)
     return default if field is None else field.contents()
 
 
 def config_from_gguf(reader: gguf.GGUFReader, name: str | None = None) -> ModelConfig:
-    """The ModelConfig a GGUF's metadata describes (no tensor data is read)."""
+    """The ModelConfig a GGUF's metadata describes (no tensor data is read, but for small tensors an
+    architecture takes hyper-parameters from: Phi-3's rope factors)."""
     gguf_arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
     if gguf_arch is None:
         raise RecoverLoraError("the GGUF has no general.architecture; is it a model file?")
-    arch = arch_for_gguf(gguf_arch)
+    arch = for_gguf_arch(gguf_arch)
 
     def key(template: str, default=None):
         value = field_value(reader, template.format(arch=gguf_arch), default)
@@ -173,12 +138,11 @@ def config_from_gguf(reader: gguf.GGUFReader, name: str | None = None) -> ModelC
     hidden = int(key(gguf.Keys.LLM.EMBEDDING_LENGTH))
     num_heads = int(key(gguf.Keys.Attention.HEAD_COUNT))
     tensor_names = {t.name for t in reader.tensors}
-    tokens = field_value(reader, gguf.Keys.Tokenizer.LIST)
-    vocab = field_value(reader, gguf.Keys.LLM.VOCAB_SIZE.format(arch=gguf_arch)) or (len(tokens) if tokens else None)
-    scaling_type = field_value(reader, gguf.Keys.Rope.SCALING_TYPE.format(arch=gguf_arch))
-    rope_scaling = None
-    if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(key(gguf.Keys.Rope.SCALING_FACTOR))}
+    # The embedding's rows, not the token list: decoding a 262k-token vocabulary takes a second.
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab = field_value(reader, gguf.Keys.LLM.VOCAB_SIZE.format(arch=gguf_arch)) or (int(embedding.shape[-1]) if embedding is not None else None)
+    if vocab is None:
+        raise RecoverLoraError("the GGUF has neither a vocab_size key nor token_embd.weight; is it a model file?")
     bos = field_value(reader, gguf.Keys.Tokenizer.BOS_ID)
     eos = field_value(reader, gguf.Keys.Tokenizer.EOS_ID)
     return ModelConfig(
@@ -194,10 +158,13 @@ def config_from_gguf(reader: gguf.GGUFReader, name: str | None = None) -> ModelC
         rope_theta=float(key(gguf.Keys.Rope.FREQ_BASE, 10000.0)),
         context_length=int(key(gguf.Keys.LLM.CONTEXT_LENGTH, 2048)),
         tie_word_embeddings="output.weight" not in tensor_names,
-        rope_scaling=rope_scaling,
         bos_token_id=None if bos is None else int(bos),
         eos_token_id=None if eos is None else int(eos),
         name=name or field_value(reader, gguf.Keys.General.NAME, "model"),
+        **arch.read_hparams(
+            lambda template, default=None: field_value(reader, template.format(arch=gguf_arch), default),
+            LazyTensors({t.name: (lambda t=t: dequantized(t)) for t in reader.tensors}),
+        ),
     )
 
 
@@ -217,14 +184,18 @@ def read_gguf(path: str | Path) -> ModelWeights:
     """
     reader = open_gguf(path)
     config = config_from_gguf(reader)
+    hf_names = config.arch.gguf_names(config)
+    derived = config.arch.extra_gguf_tensors(config)  # rebuilt from the config on write (rope factors): not weights
     loaders = {}
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
-        heads = rotary_heads(name, config)
+        if tensor.name in derived:
+            continue
+        if tensor.name not in hf_names:
+            raise RecoverLoraError(f"{path} holds tensor {tensor.name!r} that a {config.arch.describe()} model of this shape has not")
+        name = hf_names[tensor.name]
 
-        def load(tensor=tensor, heads=heads):
-            array = dequantized(tensor)
-            return array if heads is None else unpermute_from_llama_cpp(array, heads)
+        def load(tensor=tensor, name=name):
+            return config.arch.from_gguf(name, dequantized(tensor), config)
 
         loaders[name] = load
     unpadded = {}

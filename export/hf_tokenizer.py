@@ -32,6 +32,12 @@ TEKKEN_REGEX = (
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
     r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# GPT-4o's o200k split (Phi-4-mini's tokenizer.json), as quoted in llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT4O.
+GPT4O_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # ByteLevel with use_regex=True splits with GPT-2's own regex first; use_regex=False only maps bytes to characters.
 BYTE_LEVEL_GPT2_SPLIT = ("ByteLevel", "use_regex", "no_prefix_space")
@@ -59,6 +65,7 @@ PRE_TOKENIZERS: tuple[PreTokenizerRule, ...] = (
     PreTokenizerRule("llama-bpe", (_split(LLAMA3_REGEX), BYTE_LEVEL_BYTES_ONLY), "Llama-3.x"),
     PreTokenizerRule("qwen2", (_split(QWEN2_REGEX), BYTE_LEVEL_BYTES_ONLY), "Qwen2, Qwen2.5, Qwen3"),
     PreTokenizerRule("tekken", (_split(TEKKEN_REGEX), BYTE_LEVEL_BYTES_ONLY), "Mistral Nemo (tekken)"),
+    PreTokenizerRule("gpt-4o", (_split(GPT4O_REGEX), BYTE_LEVEL_BYTES_ONLY), "Phi-4-mini (GPT-4o o200k)"),
 )
 
 # Normalizers accepted although llama.cpp does not run them: NFC (Qwen2/Qwen3) changes only text that is not
@@ -265,6 +272,10 @@ def _sentencepiece_spec(files: HfTokenizerFiles, vocab_size: int | None) -> Toke
         if token_id >= len(proto.pieces):  # tokens the HF side added after the SentencePiece vocab
             by_id[token_id] = (text, gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
             scores[token_id] = -1000.0
+        elif special and by_id[token_id][1] in (gguf.TokenType.NORMAL, gguf.TokenType.USER_DEFINED):
+            # Pieces the HF side marks special (Gemma's <start_of_turn>/<end_of_turn> are user-defined
+            # pieces): CONTROL, as llama.cpp's converter makes them, so they parse and print as specials.
+            by_id[token_id] = (by_id[token_id][0], gguf.TokenType.CONTROL)
     tokens, types = _fill_ids(by_id, vocab_size)
     spec = TokenizerSpec(
         model="llama",

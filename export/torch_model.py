@@ -35,8 +35,12 @@ def to_hf_model(weights: ModelWeights, dtype=None, device: str = "cpu"):
         )
     model_type = config_dict.pop("model_type")
     config = transformers.AutoConfig.for_model(model_type, **config_dict)
-    # Build on the meta device (no random init of GBs of weights), then take the real tensors.
-    with torch.device("meta"):
+    # Parameters on the meta device (no random init of GBs of weights), then take the real tensors.
+    # Buffers are built for real: they are computed from the config, not stored (rotary inv_freq,
+    # Gemma's embedding scale), and no checkpoint would give them back.
+    from accelerate import init_empty_weights  # a dependency of peft
+
+    with init_empty_weights(include_buffers=False):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {}
     for name in weights.tensors:
@@ -54,11 +58,6 @@ def to_hf_model(weights: ModelWeights, dtype=None, device: str = "cpu"):
     model.load_state_dict(state, strict=False, assign=True)
     if weights.config.tie_word_embeddings:
         model.tie_weights()
-    # Non-persistent buffers (rotary inv_freq) were made on the meta device: rebuild those modules.
-    for name, module in list(model.named_modules()):
-        if name and any(b.is_meta for b in module.buffers(recurse=False)) and type(module).__name__.endswith("RotaryEmbedding"):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, type(module)(config=module.config))
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise RecoverLoraError(f"internal error: {leftover[0]} was not loaded")

@@ -7,7 +7,9 @@ imported inside the command that needs them, so `recover-lora --help` is instant
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -64,16 +66,45 @@ def pipeline_command(
     typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
 
 
+class Terminated(SystemExit):
+    """SIGTERM as an exception, so every `finally` and context manager cleans up (temporary outputs,
+    work folders, logs) instead of the process dying with them on disk. A SystemExit, not a
+    KeyboardInterrupt: typer turns the latter into exit 130 before `main` could tell them apart."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def _raise_terminated(signum, frame) -> None:
+    # A second SIGTERM kills at once (the default action), for a user who will not wait for cleanup.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: expected failures become one line on stderr and exit code 2."""
+    """Console entry point: expected failures become one line on stderr and exit code 2.
+
+    SIGTERM and Ctrl-C (SIGINT) unwind the Python stack, so partial outputs are removed; exit codes
+    143 and 130 (typer turns KeyboardInterrupt into exit 130 itself). A signal that arrives while
+    llama.cpp runs a C call (its quantizer, a model load) takes effect when that call returns:
+    Python runs signal handlers only between bytecodes.
+    """
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         app(args=argv, prog_name="recover-lora")
     except RecoverLoraError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

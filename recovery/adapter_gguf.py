@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 
 from recover_lora.errors import RecoverLoraError
-from recover_lora.export.model import gguf_name, permute_for_llama_cpp, rotary_heads
+from recover_lora.export.model import gguf_name
 from recover_lora.fileio import atomic_output
 
 T = gguf.GGMLQuantizationType
@@ -159,10 +159,7 @@ def llama_cpp_pairs(
     """{module: (A, B)} in Hugging Face layout -> {GGUF base tensor name: (A, B)} in llama.cpp layout."""
     out = {}
     for module, (a, b) in module_pairs.items():
-        hf_weight = f"{module}.weight"
-        heads = rotary_heads(hf_weight, base_config)
-        # Delta W = B A; llama.cpp's W is row-permuted, so the same permutation applies to B's rows.
-        out[gguf_name(hf_weight)] = (a, b if heads is None else permute_for_llama_cpp(b, heads))
+        out[gguf_name(f"{module}.weight", base_config)] = (a, base_config.arch.lora_delta_to_gguf(module, b, base_config))
     return out
 
 

@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
     app.command("export-adapter")(export_adapter_command)
     app.command("check-adapter")(check_adapter_command)
     app.command("heldout")(heldout_command)
+    app.command("imatrix")(imatrix_command)
 
 
 def train_command(
@@ -39,6 +40,8 @@ def train_command(
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r (default 16)"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (default 2 r)"),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="LoRA dropout (default 0)"),
+    init: Optional[str] = typer.Option(None, "--init", help="LoRA init: zero (default; step 0 = the quantized model) | svd | eora (rank-r SVD of W_teacher - W_student, eora weighted by the inputs' covariance)"),
+    init_samples: Optional[int] = typer.Option(None, "--init-samples", help="eora: training samples for its activation statistics (default 64)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-3)"),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup steps before the cosine decay"),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (default 1)"),
@@ -70,6 +73,7 @@ def train_command(
         raise RecoverLoraError("--resume and --force contradict each other; pass one of them")
     given = {
         "targets": targets, "rank": rank, "alpha": alpha, "dropout": dropout, "lr": lr, "warmup_steps": warmup_steps,
+        "init": init, "init_samples": init_samples,
         "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "seq_len": seq_len,
         "max_samples": max_samples, "loss": loss, "temperature": temperature, "ce_weight": ce_weight,
         "kl_weight": kl_weight, "top_k": top_k, "grad_clip": grad_clip, "checkpoint_every": checkpoint_every,
@@ -116,10 +120,13 @@ def check_adapter_command(
     adapter: Path = typer.Argument(..., help="LoRA adapter .gguf"),
     base: Path = typer.Option(..., "--base", help="The base GGUF it will be applied to"),
 ) -> None:
-    """Check that llama.cpp can apply an adapter GGUF to a base GGUF (architecture, names, shapes)."""
+    """Check that llama.cpp can apply an adapter GGUF to a base GGUF (architecture, names, shapes, a real load)."""
+    from recover_lora.export.llama_load import llama_cpp_load_check
     from recover_lora.recovery.adapter_gguf import check_adapter_against_base
 
     summary = check_adapter_against_base(adapter, base)
+    # Our shape checks first (llama-cpp-python 0.3.36 crashes on a misfitting adapter), then llama.cpp's own.
+    llama_cpp_load_check(base, adapter)
     typer.echo(
         f"ok: {summary.path.name} fits {base.name} ({summary.architecture}; {len(summary.base_tensors)} tensors, "
         f"rank {summary.ranks}, alpha {summary.alpha})"
@@ -151,3 +158,31 @@ def heldout_command(
     if json_out is not None:
         with atomic_output(json_out, force=True) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def imatrix_command(
+    model: Optional[str] = typer.Argument(None, help="Full-precision model: HF folder or .gguf (default: SmolLM2-135M-Instruct)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Importance matrix .gguf to write (llama.cpp's imatrix format)"),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="Synthetic set from `recover-lora synth` (the training data)"),
+    text: Optional[Path] = typer.Option(None, "--text", help="Or a .txt (documents split at blank lines) / .jsonl file"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use only the first N samples / windows"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sample (text windows: default 512)"),
+    max_tokens: int = typer.Option(65536, "--max-tokens", help="--text only: tokens to read"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass"),
+    pad: str = typer.Option("auto", "--pad", help="auto: pad widths as `export --pad auto` does; none: the model's own widths"),
+    device: str = typer.Option("auto", "--device", help="auto | cuda | mps | cpu"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output"),
+) -> None:
+    """Compute the teacher's importance matrix (Σ x² per input column of every linear) for `export --imatrix`."""
+    import torch
+
+    from recover_lora.recovery.distill import pick_device
+    from recover_lora.recovery.imatrix import compute_imatrix
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    matrix = compute_imatrix(model, out, samples=samples, text=text, max_samples=max_samples, seq_len=seq_len,
+                             max_tokens=max_tokens, batch_size=batch_size, pad=pad, device=str(pick_device(device)), force=force)
+    tokens = max(matrix.counts.values())
+    typer.echo(f"wrote {out}: {len(matrix.sums)} tensors, {tokens} tokens from {matrix.chunk_count} sequences of {matrix.chunk_size}")

@@ -57,6 +57,8 @@ class TrainConfig:
     rank: int = 16
     alpha: float | None = None  # None = 2 * rank
     dropout: float = 0.0
+    init: str = "zero"  # zero (step 0 = the quantized model) | svd | eora: see lora_init.py
+    init_samples: int = 64  # eora: training samples its activation statistics come from
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -103,6 +105,10 @@ class TrainConfig:
                 f"--warmup-steps={self.warmup_steps} must be >= 0, min_lr_ratio={self.min_lr_ratio} in [0, 1], "
                 f"--grad-clip={self.grad_clip} > 0"
             )
+        from recover_lora.recovery.lora_init import INIT_METHODS
+
+        if self.init not in INIT_METHODS or self.init_samples <= 0:
+            raise RecoverLoraError(f"--init {self.init!r} must be one of {', '.join(INIT_METHODS)} and --init-samples={self.init_samples} > 0")
         if self.device not in DEVICES:
             raise RecoverLoraError(f"--device {self.device!r} is unknown; use one of: {', '.join(DEVICES)}")
         self.loss_config()  # validates loss kind, temperature, weights
@@ -324,9 +330,20 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         raise RecoverLoraError(f"the training tokens reach id {int(samples.input_ids.max())} but the model's vocabulary has {vocab}")
     trajectory = config.trajectory() | {"samples_fingerprint": samples_fingerprint(samples)}
 
+    factors = {}
+    if config.init != "zero" and not config.resume:  # a resumed run takes its LoRA weights from the checkpoint
+        from recover_lora.recovery.lora_init import compute_lora_init
+
+        factors = compute_lora_init(config.init, student, modules, config.teacher, config.rank,
+                                    samples.input_ids[: config.init_samples], samples.loss_mask[: config.init_samples],
+                                    batch_size=config.batch_size, device=device)
     torch.manual_seed(config.seed)  # LoRA A's initialisation
     student.config._name_or_path = str(config.base)
     model = wrap_with_lora(student, config, modules).to(device)
+    if factors:
+        from recover_lora.recovery.lora_init import apply_lora_init
+
+        apply_lora_init(model, factors)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = len(samples) // config.batch_size

@@ -140,9 +140,13 @@ def target_tensor_names(info: StudentInfo, targets: str = "low-bit") -> list[str
     unknown = [k for k in kinds if k not in BLOCK_LINEARS]
     if not kinds or unknown:
         raise RecoverLoraError(f"--targets {targets!r} is not valid; use {TARGET_CHOICES} (kinds: {', '.join(BLOCK_LINEARS)})")
-    return [n for n in linears if n.split(".")[2] in kinds]
+    chosen = [n for n in linears if n.split(".")[2] in kinds]
+    if not chosen:  # e.g. ffn_gate on Phi-3, whose gate rows live in the fused ffn_up
+        present = sorted({n.split(".")[2] for n in linears})
+        raise RecoverLoraError(f"--targets {targets!r} names no linear of {info.gguf_path.name}; its linears are: {', '.join(present)}")
+    return chosen
 
 
 def target_module_names(info: StudentInfo, targets: str = "low-bit") -> list[str]:
     """Torch module names for peft, e.g. ['model.layers.0.mlp.gate_proj', ...]."""
-    return [hf_module_name(n) for n in target_tensor_names(info, targets)]
+    return [hf_module_name(n, info.config) for n in target_tensor_names(info, targets)]

@@ -194,9 +194,11 @@ def _task_result(spec: TaskSpec, samples: list[dict]) -> dict:
 
 def evaluate_task(lm, spec: TaskSpec, limit: int | None) -> dict:
     """Run one task through lm-eval's simple_evaluate and summarise its per-document scores."""
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    lm_eval.evaluator.get_git_commit_hash = quiet_git_hash  # simple_evaluate looks it up in its own module
     manager = TaskManager(include_defaults=False)  # our tasks are config dicts; skip lm-eval's index
     out = simple_evaluate(
         model=lm,
@@ -207,6 +209,19 @@ def evaluate_task(lm, spec: TaskSpec, limit: int | None) -> dict:
         log_samples=True,
     )
     return _task_result(spec, out["samples"][spec.name])
+
+
+def quiet_git_hash() -> str:
+    """What lm-eval records as `git_hash` (`git describe --always` in the working directory), with git's
+    stderr silenced: outside a checkout lm-eval's own call prints "fatal: not a git repository" on the
+    terminal once per task. "unknown" when there is no checkout or no git."""
+    import subprocess
+
+    try:
+        described = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return described.stdout.strip() if described.returncode == 0 and described.stdout.strip() else "unknown"
 
 
 def _offline_environment() -> None:

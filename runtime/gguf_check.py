@@ -1,10 +1,11 @@
 """Checks on GGUF files before llama.cpp sees them.
 
 llama.cpp aborts the process or prints pages of log on a truncated file or an adapter made for
-another model; we read the files with gguf-py first and turn every such case into one
-`RecoverLoraError` line. Whether an adapter fits its base (general.type, adapter.type,
-architecture, `<tensor>.lora_a` / `.lora_b` pairs and their shapes) is decided by the same
-function recovery/ uses when it writes adapters, so writer and loader agree.
+another model; we read the files' headers first (export.gguf_header: milliseconds, whatever the
+vocabulary) and turn every such case into one `RecoverLoraError` line. Whether an adapter fits its
+base (general.type, adapter.type, architecture, `<tensor>.lora_a` / `.lora_b` pairs and their
+shapes) is decided by the same function recovery/ uses when it writes adapters, so writer and
+loader agree.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import os
 from pathlib import Path
 
 from recover_lora.errors import RecoverLoraError
+from recover_lora.export.gguf_header import read_gguf_header
 from recover_lora.export.gguf_info import GGUFSummary, summary_from_reader
 from recover_lora.recovery.adapter_gguf import AdapterSummary, check_adapter_against_base
-
-GGUF_MAGIC = b"GGUF"
 
 
 def read_gguf_summary(path: str | os.PathLike, what: str = "model") -> GGUFSummary:
@@ -25,25 +25,8 @@ def read_gguf_summary(path: str | os.PathLike, what: str = "model") -> GGUFSumma
     Example:
         read_gguf_summary("w4.gguf").count_by_type()  # {'F32': 61, 'Q4_K': 150, 'Q6_K': 1}
     """
-    import gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise RecoverLoraError(f"{what} file {path} does not exist; give the path to a .gguf file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise RecoverLoraError(f"{what} file {path} is not a GGUF file (starts with {magic!r}, not b'GGUF')")
-    try:
-        reader = gguf.GGUFReader(path)
-        for tensor in reader.tensors:
-            # GGUFReader maps tensor data lazily; touching the last byte catches a truncated file.
-            if tensor.n_bytes and tensor.data.nbytes != tensor.n_bytes:
-                raise ValueError(f"tensor {tensor.name} is cut short")
-        summary = summary_from_reader(reader, path)
-    except Exception as e:  # gguf-py raises ValueError / struct / numpy errors on damaged files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RecoverLoraError(f"{what} file {path} is damaged or truncated ({reason}); re-export or re-download it") from None
+    # The fast header reader checks magic, layout and that every tensor lies inside the file.
+    summary = summary_from_reader(read_gguf_header(path, what), path)
     if not isinstance(summary.architecture, str):
         raise RecoverLoraError(f"{what} file {path} has no general.architecture; it is not a llama.cpp model GGUF")
     return summary

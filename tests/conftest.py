@@ -19,6 +19,13 @@ TINY_CONFIGS = {
     "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], tie_word_embeddings=False, sliding_window=None),
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], tie_word_embeddings=False, use_sliding_window=False),
     "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], tie_word_embeddings=True, use_sliding_window=False),
+    # Phi3Config's pad_token_id defaults to 32000, past the tiny vocabulary.
+    "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], tie_word_embeddings=False, pad_token_id=None),
+    # Gemma-3-270M's head layout (4:1 heads of 256); 6 layers, two of them global, a window of 8.
+    "gemma3": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], tie_word_embeddings=True,
+                   num_hidden_layers=6, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=8,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                   rope_theta=10000.0, rope_local_base_freq=100.0, rms_norm_eps=1e-6),
 }
 
 
@@ -63,8 +70,8 @@ def make_tiny_hf_model(
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # norms and biases away from their init values so they are tested
         for name, param in model.named_parameters():
-            if param.ndim == 1:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param) if "norm" in name else 0.1 * torch.randn_like(param))
+            if param.ndim == 1:  # a norm's init is 1 (llama) or 0 (Gemma's 1 + w): perturb around it
+                param.copy_(param + 0.1 * torch.randn_like(param) if "norm" in name else 0.1 * torch.randn_like(param))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):

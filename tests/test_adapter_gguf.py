@@ -10,7 +10,6 @@ import pytest
 
 from conftest import STORIES_DIR, sample_tokens, torch_threads
 from recover_lora.errors import RecoverLoraError
-from recover_lora.recovery import adapter_gguf
 from recover_lora.recovery.adapter_gguf import check_adapter_against_base, gguf_alpha, write_adapter_gguf
 from recover_lora.recovery.student import build_student, build_teacher, target_module_names
 
@@ -94,7 +93,9 @@ def test_llama_cpp_applies_the_adapter_like_torch(bases, tmp_path, targets):
 def test_q_k_rows_need_llama_cpp_rotary_permutation(bases, tmp_path, monkeypatch):
     """Negative control: skipping the q/k row permutation of lora_b gives visibly wrong logits."""
     model, folder = random_lora(bases["quantized"], "attn_q,attn_k", tmp_path / "peft")
-    monkeypatch.setattr(adapter_gguf, "rotary_heads", lambda name, config: None)
+    from recover_lora.export.archs.llama import Llama
+
+    monkeypatch.setattr(Llama, "lora_delta_to_gguf", classmethod(lambda cls, module, lora_b, config: lora_b))
     adapter = write_adapter_gguf(folder, bases["quantized"], tmp_path / "unpermuted.gguf", dtype="f32").path
     tokens = sample_tokens(40)
     assert max_rel(torch_logits(model, tokens), llama_logits(bases["f32"], tokens, adapter)) > 1e-2

@@ -267,8 +267,8 @@ def test_matvec_probe_measures_every_requested_type(stories_dir):
 
     results = matvec_rates((T.Q4_K, T.Q2_K, T.Q6_K, T.Q8_0), shape=str(stories_dir), layers=1, threads=2, seconds=0.05)
     assert [r.ggml_type for r in results] == [T.Q4_K, T.Q2_K, T.Q6_K, T.Q8_0]
-    # hidden 64 -> 256, intermediate 172 -> 256, 8/4 heads of 8 -> 32/16: q, k, v, o, gate, up, down + tied output (512 x 256)
-    assert {r.matvec_weights for r in results} == {256 * 256 + 2 * 128 * 256 + 256 * 256 + 3 * 256 * 256 + 512 * 256}
+    # hidden 64 -> 256, intermediate 172 -> 256, 8/4 heads of 8 -> 32/4: q, k, v, o, gate, up, down + tied output (512 x 256)
+    assert {r.matvec_weights for r in results} == {256 * 256 + 2 * 32 * 256 + 256 * 256 + 3 * 256 * 256 + 512 * 256}
     assert all(r.weights_per_s > 0 and r.tokens >= 8 for r in results)
     assert results[1].bytes_per_token < results[0].bytes_per_token < results[2].bytes_per_token < results[3].bytes_per_token
     # Into a profile (rates with their source), and from there into the roofline's per-type rule.

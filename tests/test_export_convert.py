@@ -8,7 +8,7 @@ import pytest
 from conftest import llama_cpp_logits, sample_tokens, torch_logits
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.gguf_io import read_gguf, write_gguf
-from recover_lora.export.model import permute_for_llama_cpp, unpermute_from_llama_cpp
+from recover_lora.export.archs.base import permute_for_llama_cpp, unpermute_from_llama_cpp
 from recover_lora.export.sources import load_model
 from recover_lora.export.torch_model import to_hf_model
 

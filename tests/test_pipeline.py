@@ -71,6 +71,7 @@ def test_second_run_skips_every_step(finished_run, monkeypatch, capsys):
 
     monkeypatch.setattr("recover_lora.export.quantize.export_model", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.synth_cli.synthesize", must_not_run)
+    monkeypatch.setattr("recover_lora.recovery.imatrix.compute_imatrix", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.distill.train", must_not_run)
     monkeypatch.setattr("recover_lora.runtime.evaluate.run_eval", must_not_run)
     monkeypatch.setattr("recover_lora.runtime.bench.run_bench", must_not_run)
@@ -89,7 +90,7 @@ def test_force_redoes_that_step_only(tmp_path, finished_run, capsys):
     run_pipeline(smoke_config(out, force=("eval",)), commands=COMMANDS)
     err = capsys.readouterr().err
     assert "[eval] running" in err
-    for step in ("export", "synth", "train", "heldout", "bench"):
+    for step in ("synth", "imatrix", "export", "train", "heldout", "bench"):
         assert f"[{step}] up to date" in err
         assert manifest(out)["steps"][step] == before[step], step
 
@@ -104,7 +105,7 @@ def test_interrupted_run_resumes_at_the_step_it_stopped(tmp_path, monkeypatch):
         m.setattr(Pipeline, "heldout", killed)
         with pytest.raises(Interrupted):
             run_pipeline(smoke_config(out))
-    assert set(manifest(out)["steps"]) == {"export", "synth", "train"}
+    assert set(manifest(out)["steps"]) == {"synth", "imatrix", "export", "train"}
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished step ran again after the interruption")
@@ -112,6 +113,7 @@ def test_interrupted_run_resumes_at_the_step_it_stopped(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr("recover_lora.export.quantize.export_model", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.synth_cli.synthesize", must_not_run)
+    monkeypatch.setattr("recover_lora.recovery.imatrix.compute_imatrix", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.distill.train", must_not_run)
     monkeypatch.setattr(Pipeline, "eval", lambda self: ran.append("eval") or {})
     monkeypatch.setattr(Pipeline, "bench", lambda self: ran.append("bench") or {})

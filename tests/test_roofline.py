@@ -116,14 +116,14 @@ def test_padded_shape_follows_the_exporter():
     # SmolLM2-135M-like widths: hidden 576, 9/3 heads of 64, intermediate 1536.
     shape = tiny_shape(hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64)
     padded = padded_shape(shape, Policy.named("w4")).config
-    assert (padded.hidden_size, padded.intermediate_size, padded.num_heads, padded.num_kv_heads) == (768, 1536, 12, 4)
+    assert (padded.hidden_size, padded.intermediate_size, padded.num_heads, padded.num_kv_heads) == (768, 1536, 12, 3)
     names = {t.name: t for t in tensors_for_policy(shape, "gateup")}
     assert names["blk.0.attn_output.weight"].shape == (768, 768)
     assert names["blk.0.ffn_gate.weight"].ggml_type == T.Q2_K
-    # KV heads grew with the padding, so the KV cache did too.
-    assert token_cost(shape, "w4", 10).attention.bytes == 2 * 2 * 4 * 64 * 2 * 10
+    # Padding adds query heads inside the KV groups: the 3 KV heads, and so the KV cache, stay as they are.
+    assert token_cost(shape, "w4", 10).attention.bytes == 2 * 2 * 3 * 64 * 2 * 10
     with pytest.raises(RecoverLoraError, match="cannot pad"):
-        tensors_for_policy(ModelShape("q", tiny_config(model_type="qwen3", hidden_size=576, num_heads=9, num_kv_heads=3), "t"), "w4")
+        tensors_for_policy(ModelShape("q", tiny_config(model_type="qwen3", hidden_size=576, num_heads=9, num_kv_heads=3, rms_norm_eps=1e-4), "t"), "w4")
 
 
 def test_roofline_cli_prints_table_and_writes_json_and_plot(tmp_path, capsys):
@@ -181,7 +181,7 @@ def test_quantized_rate_applies_to_weights_and_float_rate_to_attention():
 
 def test_roofline_cli_notes_padding_and_reads_hf_folders(stories_dir, capsys):
     assert run_cli(["roofline", "--model", str(stories_dir), "--device", "m2", "--ctx", "0", "--policy", "gateup"]) == 0
-    assert "padded for K-quants: hidden 256, intermediate 256, 32/16 heads" in capsys.readouterr().out
+    assert "padded for K-quants: hidden 256, intermediate 256, 32/4 heads" in capsys.readouterr().out
     assert run_cli(["roofline", "--model", "llama-3.1-8b", "--device", "m2", "--ctx", "0"]) == 0
     assert "padded" not in capsys.readouterr().out
 

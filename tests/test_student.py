@@ -70,7 +70,7 @@ def test_student_weights_equal_dequantized_gguf_bit_for_bit(gateup_gguf):
             expected = undo_rotary_permutation(expected, heads[kind])
         from recover_lora.export.model import hf_name
 
-        actual = state[hf_name(tensor.name)]
+        actual = state[hf_name(tensor.name, info.config)]
         assert actual.shape == expected.shape, tensor.name
         assert np.array_equal(actual, expected), f"{tensor.name} differs from its dequantized GGUF values"
         kinds.add(gguf.GGMLQuantizationType(int(tensor.tensor_type)).name)

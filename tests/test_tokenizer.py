@@ -18,6 +18,7 @@ import pytest
 
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.hf_tokenizer import (
+    GPT4O_REGEX,
     LLAMA3_REGEX,
     QWEN2_REGEX,
     TEKKEN_REGEX,
@@ -58,7 +59,7 @@ CORPUS = [
     "  indented   text\t\twith tabs\nand lines\n\n\nmore lines\r\nwindows",
 ] * 3
 
-BPE_FAMILIES = ["gpt-2", "smollm", "llama-bpe", "qwen2", "tekken"]
+BPE_FAMILIES = ["gpt-2", "smollm", "llama-bpe", "qwen2", "tekken", "gpt-4o"]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
@@ -80,6 +81,9 @@ def _pre_tokenizer(family: str):
         ),
         "tekken": pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(TEKKEN_REGEX), behavior="isolated", invert=False), byte_level_only]
+        ),
+        "gpt-4o": pre_tokenizers.Sequence(  # Phi-4-mini
+            [pre_tokenizers.Split(Regex(GPT4O_REGEX), behavior="isolated", invert=False), byte_level_only]
         ),
     }[family]
 
