@@ -7,7 +7,7 @@ RL     := $(VENV)/bin/recover-lora
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 
-.PHONY: install test demo bench bench-export clean
+.PHONY: install test demo recipes bench bench-export clean
 
 # torch is installed first and pinned: anything looser would pull several GB of CUDA wheels.
 # llama-cpp-python builds from source once (~7 min on 2 cores); pip caches the wheel.
@@ -30,6 +30,27 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(RL) pipeline --preset cpu-demo --out $(OUT)/cpu-demo
 	@echo "report: $(OUT)/cpu-demo/report.md (and report.html)"
+
+# The activation-aware 2-bit comparison in the README ("Which recipe"): variants of the default model's
+# gateup file and adapter on the held-out text, tasks and bench settings of `make demo`, from its synth/
+# and imatrix.gguf (run `make demo` first; DEMO= points elsewhere). Results in $(RECIPES).
+DEMO    ?= $(OUT)/cpu-demo
+RECIPES ?= $(OUT)/recipes
+HELDOUT := --max-tokens 8192
+EVAL    := --tasks quick3 --limit 200 --force
+recipes: $(STAMP)
+	test -f $(DEMO)/imatrix.gguf -a -f $(DEMO)/gateup.gguf -a -f $(DEMO)/synth/samples.safetensors || { echo "run make demo first (or set DEMO=)"; exit 1; }
+	mkdir -p $(RECIPES)
+	$(RL) export -o $(RECIPES)/gateup-plain.gguf --policy gateup --force
+	for t in IQ2_XS IQ2_S IQ3_XXS; do $(RL) export -o $(RECIPES)/gateup-$$t.gguf --low-bit-type $$t --imatrix $(DEMO)/imatrix.gguf --force || exit 1; done
+	for init in svd eora; do $(RL) train --preset cpu-demo --init $$init --max-steps 0 --base $(DEMO)/gateup.gguf --samples $(DEMO)/synth --out $(RECIPES)/step0-$$init --force || exit 1; done
+	$(RL) train --preset cpu-demo --init zero --base $(DEMO)/gateup.gguf --samples $(DEMO)/synth --out $(RECIPES)/train-zero --force --no-progress
+	for v in plain IQ2_XS IQ2_S IQ3_XXS; do $(RL) heldout --base $(RECIPES)/gateup-$$v.gguf $(HELDOUT) --json $(RECIPES)/heldout-gateup-$$v.json || exit 1; done
+	for r in step0-svd step0-eora train-zero; do $(RL) heldout --base $(DEMO)/gateup.gguf --adapter $(RECIPES)/$$r/adapter $(HELDOUT) --json $(RECIPES)/heldout-$$r.json || exit 1; done
+	for v in plain IQ2_XS IQ2_S IQ3_XXS; do $(RL) eval $(RECIPES)/gateup-$$v.gguf $(EVAL) --label gateup-$$v -o $(RECIPES)/eval-gateup-$$v.json || exit 1; done
+	$(RL) eval $(DEMO)/gateup.gguf --lora $(RECIPES)/train-zero/adapter.gguf $(EVAL) --label train-zero -o $(RECIPES)/eval-train-zero.json --markdown $(RECIPES)/compare.md
+	$(RL) bench $(DEMO)/w4.gguf $(DEMO)/gateup.gguf $(RECIPES)/gateup-plain.gguf $(RECIPES)/gateup-IQ2_XS.gguf $(RECIPES)/gateup-IQ2_S.gguf $(RECIPES)/gateup-IQ3_XXS.gguf --compare -d 0,512 -r 3 -o $(RECIPES)/bench.jsonl
+	$(RL) compare $(DEMO)/eval/teacher.json $(DEMO)/eval/w4.json $(RECIPES)/eval-gateup-*.json $(DEMO)/eval/gateup.json $(DEMO)/eval/gateup+adapter.json $(RECIPES)/eval-train-zero.json
 
 bench: bench-export
 

@@ -45,7 +45,7 @@ def train_command(
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-3)"),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup steps before the cosine decay"),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (default 1)"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (overrides --epochs)"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (overrides --epochs); 0 writes the initial adapter (see --init)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per step (default 8)"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Cut samples to this many tokens (labeled data: default 256)"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use only the first N samples"),

@@ -96,8 +96,9 @@ class TrainConfig:
                 raise RecoverLoraError(f"--{name.replace('_', '-')}={value} must be > 0")
         for name in ("max_steps", "seq_len", "max_samples", "top_k"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise RecoverLoraError(f"--{name.replace('_', '-')}={value} must be > 0")
+            # --max-steps 0 writes the initial adapter: with --init svd|eora, the correction without training.
+            if value is not None and (value < 0 if name == "max_steps" else value <= 0):
+                raise RecoverLoraError(f"--{name.replace('_', '-')}={value} must be {'>= 0' if name == 'max_steps' else '> 0'}")
         if not 0.0 <= self.dropout < 1.0:
             raise RecoverLoraError(f"--dropout={self.dropout} must be in [0, 1)")
         if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.grad_clip <= 0:
@@ -347,7 +348,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = len(samples) // config.batch_size
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    total_steps = config.max_steps if config.max_steps is not None else max(1, math.ceil(config.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, config.warmup_steps, config.min_lr_ratio)
     )

@@ -132,3 +132,21 @@ def test_train_starts_lower_records_the_init_and_refuses_another_on_resume(base,
         train(TrainConfig(output=tmp_path / "eora", init="svd", resume=True, **settings))
     with pytest.raises(RecoverLoraError, match="--init 'random'"):
         TrainConfig(output=tmp_path / "x", init="random", **settings)
+
+
+def test_zero_steps_write_the_initial_adapter(base, tmp_path):
+    """`train --max-steps 0 --init eora`: the EoRA correction alone, as a peft folder and an adapter GGUF."""
+    from safetensors.numpy import load_file
+
+    synth = synth_folder(tmp_path / "synth", n=8, seq_len=16)
+    settings = dict(base=base, teacher=str(STORIES_DIR), samples=synth, batch_size=4, max_steps=0, progress=False, rank=4)
+    eora = train(TrainConfig(output=tmp_path / "eora", init="eora", **settings))
+    zero = train(TrainConfig(output=tmp_path / "zero", init="zero", **settings))
+    assert eora.steps == 0 and (eora.run_dir / "train_log.jsonl").read_text() == ""
+    assert eora.adapter_gguf.is_file()
+    lora_b = {k: v for k, v in load_file(eora.adapter_dir / "adapter_model.safetensors").items() if "lora_B" in k}
+    assert lora_b and all(abs(v).max() > 0 for v in lora_b.values())  # the correction, not peft's zero B
+    zero_b = [v for k, v in load_file(zero.adapter_dir / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert all(abs(v).max() == 0 for v in zero_b)
+    with pytest.raises(RecoverLoraError, match="--max-steps=-1 must be >= 0"):
+        TrainConfig(output=tmp_path / "x", **(settings | {"max_steps": -1}))
