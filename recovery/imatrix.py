@@ -42,27 +42,6 @@ def padded_teacher(source: str | Path | None, pad: str = "auto", dtype=None, dev
     return to_hf_model(weights, dtype=dtype or torch.float32, device=device), weights.config
 
 
-def text_windows(path: Path, encode, window: int, max_tokens: int) -> torch.Tensor:
-    """A text file (documents split at blank lines) or JSONL (any `read_jsonl_pairs` row) as token windows [W, window]."""
-    from recover_lora.recovery.text_data import PROMPT_SEPARATOR, read_jsonl_pairs
-
-    if not path.is_file():
-        raise RecoverLoraError(f"text file {path} does not exist")
-    if path.suffix == ".jsonl":
-        documents = [f"{p}{PROMPT_SEPARATOR}{r}" if p else r for p, r in read_jsonl_pairs(path)]
-    else:
-        documents = [d for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
-    stream: list[int] = []
-    for document in documents:
-        stream += encode(document)
-        if len(stream) >= max_tokens:
-            break
-    n_windows = min(len(stream), max_tokens) // window
-    if n_windows == 0:
-        raise RecoverLoraError(f"{path} has {len(stream)} tokens, fewer than one window of {window}; lower --seq-len")
-    return torch.tensor(stream[: n_windows * window], dtype=torch.long).view(n_windows, window)
-
-
 def importance_matrix(stats: dict, config: ModelConfig, datasets: list[str], chunk_count: int, chunk_size: int) -> ImportanceMatrix:
     """Activation statistics by torch module name -> an ImportanceMatrix by GGUF tensor name."""
     sums = {gguf_tensor_name(name, config): s.sum_sq.astype("float32") for name, s in stats.items()}
@@ -115,9 +94,10 @@ def compute_imatrix(
     else:
         from recover_lora.export.sources import default_model_path
         from recover_lora.recovery.synth_cli import load_hf_tokenizer
+        from recover_lora.recovery.text_data import text_windows
 
         tokenizer = load_hf_tokenizer(Path(source) if source is not None else default_model_path())
-        ids = text_windows(Path(text), lambda document: tokenizer(document)["input_ids"], seq_len or 512, max_tokens)
+        ids = text_windows(Path(text), lambda document: tokenizer(document)["input_ids"], seq_len or 512, max_tokens, knob="--seq-len")
         counted = torch.ones_like(ids, dtype=torch.bool)
         dataset = str(text)
     if seq_len is not None:

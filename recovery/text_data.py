@@ -109,25 +109,29 @@ def labeled_samples(path: str | Path, base_gguf: str | Path, seq_len: int, max_s
     return SyntheticSamples(input_ids, loss_mask, manifest)
 
 
-def heldout_windows(path: str | Path, base_gguf: str | Path, window: int, max_tokens: int) -> torch.Tensor:
-    """Held-out text as non-overlapping token windows [W, window] (documents joined, each with BOS).
-
-    `path` is a JSONL in any `read_jsonl_pairs` format (prompt and response joined) or plain text.
-    """
+def text_windows(path: str | Path, encode, window: int, max_tokens: int, what: str = "text file", knob: str = "--window") -> torch.Tensor:
+    """A text file (documents split at blank lines) or JSONL (any `read_jsonl_pairs` row, prompt and
+    response joined) as non-overlapping token windows [W, window]; `encode(document)` -> token ids."""
     path = Path(path)
-    if path.suffix == ".jsonl":
+    if path.suffix == ".jsonl" and path.is_file():
         documents = [f"{p}{PROMPT_SEPARATOR}{r}" if p else r for p, r in read_jsonl_pairs(path)]
     elif path.is_file():
         documents = [d for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
     else:
-        raise RecoverLoraError(f"held-out text {path} does not exist")
+        raise RecoverLoraError(f"{what} {path} does not exist")
     stream: list[int] = []
-    with GGUFTokenizer(base_gguf) as tokenizer:
-        for document in documents:
-            stream += tokenizer.encode(document, add_bos=True)
-            if len(stream) >= max_tokens:
-                break
+    for document in documents:
+        stream += encode(document)
+        if len(stream) >= max_tokens:
+            break
     n_windows = min(len(stream), max_tokens) // window
     if n_windows == 0:
-        raise RecoverLoraError(f"{path} has {len(stream)} tokens, fewer than one window of {window}; lower --window")
+        raise RecoverLoraError(f"{path} has {len(stream)} tokens, fewer than one window of {window}; lower {knob}")
     return torch.tensor(stream[: n_windows * window], dtype=torch.long).view(n_windows, window)
+
+
+def heldout_windows(path: str | Path, base_gguf: str | Path, window: int, max_tokens: int) -> torch.Tensor:
+    """Held-out text as non-overlapping token windows [W, window] (documents joined, each with BOS),
+    tokenized by the base GGUF's own tokenizer."""
+    with GGUFTokenizer(base_gguf) as tokenizer:
+        return text_windows(path, lambda document: tokenizer.encode(document, add_bos=True), window, max_tokens, "held-out text")
