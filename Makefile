@@ -7,7 +7,7 @@ RL     := $(VENV)/bin/recover-lora
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 
-.PHONY: install test demo recipes bench bench-export clean
+.PHONY: install test demo recipes bench bench-export bench-padding clean
 
 # torch is installed first and pinned: anything looser would pull several GB of CUDA wheels.
 # llama-cpp-python builds from source once (~7 min on 2 cores); pip caches the wheel.
@@ -52,7 +52,18 @@ recipes: $(STAMP)
 	$(RL) bench $(DEMO)/w4.gguf $(DEMO)/gateup.gguf $(RECIPES)/gateup-plain.gguf $(RECIPES)/gateup-IQ2_XS.gguf $(RECIPES)/gateup-IQ2_S.gguf $(RECIPES)/gateup-IQ3_XXS.gguf --compare -d 0,512 -r 3 -o $(RECIPES)/bench.jsonl
 	$(RL) compare $(DEMO)/eval/teacher.json $(DEMO)/eval/w4.json $(RECIPES)/eval-gateup-*.json $(DEMO)/eval/gateup.json $(DEMO)/eval/gateup+adapter.json $(RECIPES)/eval-train-zero.json
 
-bench: bench-export
+bench: bench-export bench-padding
+
+# What width padding costs (README "Architectures"): a Qwen2.5-0.5B-shaped random-weight model (hidden 896)
+# as padded w4 and gateup files against the unpadded all-Q4_0 file llama.cpp falls back to without padding.
+PADDING ?= $(OUT)/padding
+bench-padding: $(STAMP)
+	mkdir -p $(PADDING)
+	$(RL) export devices/shapes/qwen2.5-0.5b.json --random-weights --policy w4 -o $(PADDING)/w4.gguf --force
+	$(RL) export devices/shapes/qwen2.5-0.5b.json --random-weights --policy gateup -o $(PADDING)/gateup.gguf --force
+	$(RL) export devices/shapes/qwen2.5-0.5b.json --random-weights --pad none --tensor-type 'blk\..*\.weight=Q4_0' --embedding-type Q4_0 -o $(PADDING)/unpadded-q4_0.gguf --force
+	for f in unpadded-q4_0 w4 gateup; do $(RL) inspect $(PADDING)/$$f.gguf --no-tensors || exit 1; done
+	$(RL) bench $(PADDING)/unpadded-q4_0.gguf $(PADDING)/w4.gguf $(PADDING)/gateup.gguf --compare -d 0,512 -r 3 -o $(PADDING)/bench.jsonl
 
 bench-export: $(STAMP)
 	$(PY) -m recover_lora.export.bench --out devices/results/bench-export.json

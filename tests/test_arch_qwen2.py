@@ -72,3 +72,20 @@ def test_padded_qwen2_exports_load_in_llama_cpp(tiny_hf_model, tmp_path, policy)
     assert np.isfinite(quantized).all()
     # Random tiny weights quantize coarsely; the padded file still tracks the model, far from noise.
     assert np.corrcoef(reference.ravel(), quantized.ravel())[0, 1] > 0.5
+
+
+def test_adapter_on_padded_qwen2_matches_torch_in_llama_cpp(tiny_hf_model, tmp_path):
+    """LoRA on every linear of the padded 7:1 qwen2 (NEOX rotary: no row permutation) in llama.cpp = torch."""
+    from test_adapter_gguf import llama_logits, max_rel, random_lora, torch_logits
+
+    from recover_lora.export.gguf_io import read_gguf
+    from recover_lora.recovery.adapter_gguf import write_adapter_gguf
+
+    quantized = export_model(_tiny_qwen2(tiny_hf_model), tmp_path / "gateup.gguf", "gateup", threads=2).path
+    rendered = write_gguf(read_gguf(quantized), tmp_path / "gateup.f32.gguf")  # same weights, exact maths
+    model, folder = random_lora(quantized, "all", tmp_path / "peft")
+    adapter = write_adapter_gguf(folder, quantized, tmp_path / "adapter.gguf", dtype="f32").path
+    tokens = sample_tokens(40)
+    with_lora, without = torch_logits(model, tokens), torch_logits(model, tokens, adapter=False)
+    assert max_rel(with_lora, without) > 0.1  # the adapter really changes the output
+    assert max_rel(with_lora, llama_logits(rendered, tokens, adapter)) < 1e-4
