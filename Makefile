@@ -44,12 +44,13 @@ recipes: $(STAMP)
 	$(RL) export -o $(RECIPES)/gateup-plain.gguf --policy gateup --force
 	for t in IQ2_XS IQ2_S IQ3_XXS; do $(RL) export -o $(RECIPES)/gateup-$$t.gguf --low-bit-type $$t --imatrix $(DEMO)/imatrix.gguf --force || exit 1; done
 	for init in svd eora; do $(RL) train --preset cpu-demo --init $$init --max-steps 0 --base $(DEMO)/gateup.gguf --samples $(DEMO)/synth --out $(RECIPES)/step0-$$init --force || exit 1; done
-	$(RL) train --preset cpu-demo --init zero --base $(DEMO)/gateup.gguf --samples $(DEMO)/synth --out $(RECIPES)/train-zero --force --no-progress
 	for v in plain IQ2_XS IQ2_S IQ3_XXS; do $(RL) heldout --base $(RECIPES)/gateup-$$v.gguf $(HELDOUT) --json $(RECIPES)/heldout-gateup-$$v.json || exit 1; done
-	for r in step0-svd step0-eora train-zero; do $(RL) heldout --base $(DEMO)/gateup.gguf --adapter $(RECIPES)/$$r/adapter $(HELDOUT) --json $(RECIPES)/heldout-$$r.json || exit 1; done
-	for v in plain IQ2_XS IQ2_S IQ3_XXS; do $(RL) eval $(RECIPES)/gateup-$$v.gguf $(EVAL) --label gateup-$$v -o $(RECIPES)/eval-gateup-$$v.json || exit 1; done
-	$(RL) eval $(DEMO)/gateup.gguf --lora $(RECIPES)/train-zero/adapter.gguf $(EVAL) --label train-zero -o $(RECIPES)/eval-train-zero.json --markdown $(RECIPES)/compare.md
+	for r in step0-svd step0-eora; do $(RL) heldout --base $(DEMO)/gateup.gguf --adapter $(RECIPES)/$$r/adapter $(HELDOUT) --json $(RECIPES)/heldout-$$r.json || exit 1; done
 	$(RL) bench $(DEMO)/w4.gguf $(DEMO)/gateup.gguf $(RECIPES)/gateup-plain.gguf $(RECIPES)/gateup-IQ2_XS.gguf $(RECIPES)/gateup-IQ2_S.gguf $(RECIPES)/gateup-IQ3_XXS.gguf --compare -d 0,512 -r 3 -o $(RECIPES)/bench.jsonl
+	$(RL) train --preset cpu-demo --init zero --base $(DEMO)/gateup.gguf --samples $(DEMO)/synth --out $(RECIPES)/train-zero --force --no-progress
+	$(RL) heldout --base $(DEMO)/gateup.gguf --adapter $(RECIPES)/train-zero/adapter $(HELDOUT) --json $(RECIPES)/heldout-train-zero.json
+	for v in plain IQ2_XS IQ2_S IQ3_XXS; do $(RL) eval $(RECIPES)/gateup-$$v.gguf $(EVAL) --label gateup-$$v -o $(RECIPES)/eval-gateup-$$v.json || exit 1; done
+	$(RL) eval $(DEMO)/gateup.gguf --lora $(RECIPES)/train-zero/adapter.gguf $(EVAL) --label train-zero -o $(RECIPES)/eval-train-zero.json
 	$(RL) compare $(DEMO)/eval/teacher.json $(DEMO)/eval/w4.json $(RECIPES)/eval-gateup-*.json $(DEMO)/eval/gateup.json $(DEMO)/eval/gateup+adapter.json $(RECIPES)/eval-train-zero.json
 
 bench: bench-export bench-padding

@@ -96,9 +96,11 @@ def train_command(
         torch.set_num_threads(threads)
     result = train(config)
     final = result.metrics
+    done = (f"last loss {final['loss']:.4f}" if "loss" in final
+            else f"no training step: the {config.init}-initialised adapter")
     typer.echo(
         f"trained {result.steps} steps (resumed from {result.resumed_from}) on {len(result.target_tensors)} modules; "
-        f"last loss {final.get('loss', float('nan')):.4f}; adapter: {result.adapter_dir} and {result.adapter_gguf}"
+        f"{done}; adapter: {result.adapter_dir} and {result.adapter_gguf}"
     )
 
 
