@@ -62,9 +62,10 @@ bench-padding: $(STAMP)
 	mkdir -p $(PADDING)
 	$(RL) export devices/shapes/qwen2.5-0.5b.json --random-weights --policy w4 -o $(PADDING)/w4.gguf --force
 	$(RL) export devices/shapes/qwen2.5-0.5b.json --random-weights --policy gateup -o $(PADDING)/gateup.gguf --force
+	$(RL) export devices/shapes/qwen2.5-0.5b.json --random-weights --policy w4 --embedding-type Q4_0 -o $(PADDING)/w4-emb-q4_0.gguf --force
 	$(RL) export devices/shapes/qwen2.5-0.5b.json --random-weights --pad none --tensor-type 'blk\..*\.weight=Q4_0' --embedding-type Q4_0 -o $(PADDING)/unpadded-q4_0.gguf --force
-	for f in unpadded-q4_0 w4 gateup; do $(RL) inspect $(PADDING)/$$f.gguf --no-tensors || exit 1; done
-	$(RL) bench $(PADDING)/unpadded-q4_0.gguf $(PADDING)/w4.gguf $(PADDING)/gateup.gguf --compare -d 0,512 -r 3 -o $(PADDING)/bench.jsonl
+	for f in unpadded-q4_0 w4-emb-q4_0 w4 gateup; do $(RL) inspect $(PADDING)/$$f.gguf --no-tensors || exit 1; done
+	$(RL) bench $(PADDING)/unpadded-q4_0.gguf $(PADDING)/w4-emb-q4_0.gguf $(PADDING)/w4.gguf $(PADDING)/gateup.gguf --compare -d 0,512 -r 3 -o $(PADDING)/bench.jsonl
 
 bench-export: $(STAMP)
 	$(PY) -m recover_lora.export.bench --out devices/results/bench-export.json

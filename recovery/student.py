@@ -17,9 +17,10 @@ from recover_lora.errors import RecoverLoraError
 from recover_lora.export.model import ModelConfig, hf_module_name
 from recover_lora.export.policy import BLOCK_LINEARS, is_block_linear
 
-# "low-bit" targets: block linears stored at fewer than this many bits per weight (Q2_K is 2.625,
-# IQ2_*/IQ1_*/TQ* lower; Q3_K is 3.4375), i.e. the 2-bit tensors of a `gateup` export.
-LOW_BIT_MAX_BITS_PER_WEIGHT = 3.0
+# "low-bit" targets: block linears stored at fewer than this many bits per weight: every 1-, 2- and
+# 3-bit type (Q2_K 2.625, IQ2_XS 2.3125, IQ3_XXS 3.0625, Q3_K 3.4375), never a 4-bit one (IQ4_XS 4.25,
+# Q4_K 4.5), i.e. the gate/up tensors of a `gateup` export whatever its --low-bit-type.
+LOW_BIT_MAX_BITS_PER_WEIGHT = 3.5
 TARGET_CHOICES = "'low-bit' (the 2-bit linears), 'all' (every quantized linear), or llama.cpp linear names like 'ffn_gate,ffn_up'"
 
 
@@ -117,7 +118,7 @@ def check_teacher_matches(teacher_config: ModelConfig, info: StudentInfo) -> Non
 def target_tensor_names(info: StudentInfo, targets: str = "low-bit") -> list[str]:
     """GGUF names of the linears that get LoRA.
 
-    targets: "low-bit" (block linears below 3 bits/weight, e.g. Q2_K gate/up of a gateup export),
+    targets: "low-bit" (block linears below 3.5 bits/weight: the 1-3-bit gate/up of a gateup export),
     "all" (every quantized block linear), or a comma list of llama.cpp linear kinds
     ("ffn_gate,ffn_up", "attn_q", ...).
     """

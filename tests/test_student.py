@@ -143,6 +143,11 @@ def test_target_errors_are_actionable(gateup_gguf):
     )
     with pytest.raises(RecoverLoraError, match="--targets all"):
         target_tensor_names(only_q4, "low-bit")
+    # A gateup export with --low-bit-type IQ3_XXS (3.06 bits/weight): its gate/up are still the low-bit targets.
+    iq3 = {n: gguf.GGMLQuantizationType.IQ3_XXS if ".ffn_gate." in n or ".ffn_up." in n else t for n, t in only_q4.tensor_types.items()}
+    chosen = target_tensor_names(StudentInfo(info.gguf_path, info.config, info.gguf_arch, iq3), "low-bit")
+    assert chosen and all(iq3[n] == gguf.GGMLQuantizationType.IQ3_XXS for n in chosen)
+    assert len(chosen) == sum(t == gguf.GGMLQuantizationType.IQ3_XXS for t in iq3.values())
 
 
 def test_a_teacher_of_another_model_is_refused(gateup_gguf, tiny_hf_model):
