@@ -36,7 +36,7 @@ def train_command(
     data: Optional[Path] = typer.Option(None, "--data", help="Labeled JSONL instead: {text} | {prompt,response} | {question,answer}"),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Full-precision model (HF folder or GGUF); default: SmolLM2-135M-Instruct"),
     preset: Optional[str] = typer.Option(None, "--preset", help="cpu-demo | paper: defaults for the options below"),
-    targets: Optional[str] = typer.Option(None, "--targets", help="low-bit (default: the 2-bit linears) | all | e.g. ffn_gate,ffn_up"),
+    targets: Optional[str] = typer.Option(None, "--targets", help="low-bit (default: the linears below 3.5 bits/weight, i.e. gate/up of a gateup export) | all | e.g. ffn_gate,ffn_up"),
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r (default 16)"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (default 2 r)"),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="LoRA dropout (default 0)"),
