@@ -89,10 +89,16 @@ def tiny_hf_model(tmp_path):
     return build
 
 
-def llama_cpp_logits(gguf_path: Path, tokens: list[int], lora_path: Path | None = None) -> np.ndarray:
-    """All-position logits of `tokens` from llama.cpp (CPU, F32 accumulation)."""
+def llama_cpp_logits(gguf_path: Path, tokens: list[int], lora_path: Path | None = None, f32_kv_cache: bool = False) -> np.ndarray:
+    """All-position logits of `tokens` from llama.cpp (CPU, F32 accumulation).
+
+    `f32_kv_cache`: keys and values in F32 instead of llama.cpp's default F16, which rounds them at ~1e-3;
+    for comparisons of adapter and student maths that must be tight.
+    """
+    import gguf
     import llama_cpp
 
+    cache = {"type_k": int(gguf.GGMLQuantizationType.F32), "type_v": int(gguf.GGMLQuantizationType.F32)} if f32_kv_cache else {}
     llm = llama_cpp.Llama(
         model_path=str(gguf_path),
         lora_path=str(lora_path) if lora_path else None,
@@ -101,6 +107,7 @@ def llama_cpp_logits(gguf_path: Path, tokens: list[int], lora_path: Path | None 
         logits_all=True,
         n_threads=2,
         verbose=False,
+        **cache,
     )
     llm.eval(tokens)
     logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)

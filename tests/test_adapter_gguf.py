@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import functools
 import gguf
 import numpy as np
 import pytest
 
-from conftest import STORIES_DIR, sample_tokens, torch_threads
+from conftest import STORIES_DIR, llama_cpp_logits, sample_tokens, torch_threads
 from recover_lora.errors import RecoverLoraError
 from recover_lora.recovery.adapter_gguf import check_adapter_against_base, gguf_alpha, write_adapter_gguf
 from recover_lora.recovery.student import build_student, build_teacher, target_module_names
 
-F32 = int(gguf.GGMLQuantizationType.F32)
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +57,7 @@ def torch_logits(model, tokens, adapter: bool = True) -> np.ndarray:
         return model(torch.tensor([tokens])).logits[0].float().numpy()
 
 
-def llama_logits(base: Path, tokens, lora: Path | None) -> np.ndarray:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(base), lora_path=str(lora) if lora else None, n_ctx=128, logits_all=True,
-                          n_threads=2, verbose=False, type_k=F32, type_v=F32)
-    llm.eval(tokens)
-    logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    llm.close()
-    return logits
+llama_logits = functools.partial(llama_cpp_logits, f32_kv_cache=True)  # (base, tokens, lora)
 
 
 def max_rel(a: np.ndarray, b: np.ndarray) -> float:

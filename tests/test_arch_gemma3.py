@@ -11,6 +11,7 @@ F32 KV cache), not 1e-5.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from dataclasses import replace
@@ -191,16 +192,7 @@ def test_final_softcapping_and_linear_rope_scaling_match_llama_cpp(tmp_path, tok
 # ---- quantized exports, the student, the adapter ---------------------------------------------------------------
 
 
-def _llama_cpp_f32_cache(path: Path, tokens: list[int], lora: Path | None = None) -> np.ndarray:
-    import llama_cpp
-
-    f32 = int(gguf.GGMLQuantizationType.F32)
-    llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64, logits_all=True,
-                          n_threads=2, verbose=False, type_k=f32, type_v=f32)
-    llm.eval(tokens)
-    logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    llm.close()
-    return logits
+_llama_cpp_f32_cache = functools.partial(llama_cpp_logits, f32_kv_cache=True)
 
 
 @pytest.mark.parametrize("policy", ["w4", "gateup"])

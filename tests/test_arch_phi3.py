@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import functools
 import gguf
 import numpy as np
 import pytest
@@ -25,7 +26,6 @@ from recover_lora.export.sources import load_model
 from recover_lora.export.torch_model import to_hf_model
 
 T = gguf.GGMLQuantizationType
-F32 = int(T.F32)
 TOKENS = sample_tokens(48)
 SHAPE = dict(hidden=192, intermediate=320, num_attention_heads=6, num_key_value_heads=2, head_dim=32)
 LONG_FACTORS = [1.0 + 0.5 * i for i in range(12)]  # 12 = rotary dims (0.75 x 32) / 2
@@ -230,16 +230,7 @@ def test_student_is_the_dequantized_gguf_and_matches_llama_cpp(exports, folders,
     assert student_error.mean() < 0.2 * teacher_error.mean()
 
 
-def llama_logits(path: Path, tokens, lora: Path | None = None) -> np.ndarray:
-    """llama.cpp logits with an F32 KV cache, so adapter and student maths compare tightly."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=128, logits_all=True,
-                          n_threads=2, verbose=False, type_k=F32, type_v=F32)
-    llm.eval(tokens)
-    logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    llm.close()
-    return logits
+llama_logits = functools.partial(llama_cpp_logits, f32_kv_cache=True)  # (path, tokens, lora=None)
 
 
 def test_low_bit_targets_are_the_fused_ffn_up(exports):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import functools
 import gguf
 import numpy as np
 import pytest
 
-from conftest import STORIES_DIR, sample_tokens, torch_threads
+from conftest import STORIES_DIR, llama_cpp_logits, sample_tokens, torch_threads
 from recover_lora.errors import RecoverLoraError
 from recover_lora.recovery.student import (
     StudentInfo,
@@ -31,16 +32,7 @@ def gateup_gguf(tmp_path_factory) -> Path:
     return path
 
 
-def llama_cpp_logits_f32_cache(gguf_path: Path, tokens: list[int]) -> np.ndarray:
-    """llama.cpp logits with an F32 KV cache (the default F16 cache rounds keys/values at ~1e-3)."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, logits_all=True, n_threads=2, verbose=False,
-                          type_k=int(gguf.GGMLQuantizationType.F32), type_v=int(gguf.GGMLQuantizationType.F32))
-    llm.eval(tokens)
-    logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    llm.close()
-    return logits
+llama_cpp_logits_f32_cache = functools.partial(llama_cpp_logits, f32_kv_cache=True)
 
 
 def student_logits(model, tokens: list[int]) -> np.ndarray:
