@@ -7,7 +7,7 @@ RL     := $(VENV)/bin/recover-lora
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 
-.PHONY: install test demo recipes bench bench-export bench-padding clean
+.PHONY: install test demo recipes recover-recipes bench bench-export bench-padding clean
 
 # torch is installed first and pinned: anything looser would pull several GB of CUDA wheels.
 # llama-cpp-python builds from source once (~7 min on 2 cores); pip caches the wheel.
@@ -52,6 +52,24 @@ recipes: $(STAMP)
 	for v in plain IQ2_XS IQ2_S IQ3_XXS; do $(RL) eval $(RECIPES)/gateup-$$v.gguf $(EVAL) --label gateup-$$v -o $(RECIPES)/eval-gateup-$$v.json || exit 1; done
 	$(RL) eval $(DEMO)/gateup.gguf --lora $(RECIPES)/train-zero/adapter.gguf $(EVAL) --label train-zero -o $(RECIPES)/eval-train-zero.json
 	$(RL) compare $(DEMO)/eval/teacher.json $(DEMO)/eval/w4.json $(RECIPES)/eval-gateup-*.json $(DEMO)/eval/gateup.json $(DEMO)/eval/gateup+adapter.json $(RECIPES)/eval-train-zero.json
+
+# The one-file recovered model's recipes (README "One file"), side by side on the default model, from
+# `make demo`'s synth/, imatrix.gguf, gateup.gguf and its train/ adapter: (b) Q2_K block scales alone,
+# (a) LoRA on the 4-bit linears merged and re-quantized, (c) the gate/up adapter merged into the 2-bit
+# weights (the naive baseline), and a short block-scale second pass on the demo's recovered.gguf.
+# (a)+(b) together is the demo's own recover/ step.
+recover-recipes: $(STAMP)
+	test -f $(DEMO)/recovered.gguf -a -f $(DEMO)/train/adapter.gguf || { echo "run make demo first (or set DEMO=)"; exit 1; }
+	mkdir -p $(RECIPES)
+	$(RL) train --preset cpu-demo --targets none --block-scales --base $(DEMO)/gateup.gguf --samples $(DEMO)/synth --out $(RECIPES)/blocks --force --no-progress
+	$(RL) train --preset cpu-demo --targets high-bit --base $(DEMO)/gateup.gguf --samples $(DEMO)/synth --out $(RECIPES)/high-bit-lora --force --no-progress
+	$(RL) train --preset cpu-demo --targets none --block-scales --max-steps 32 --base $(DEMO)/recovered.gguf --samples $(DEMO)/synth --out $(RECIPES)/second-pass --force --no-progress
+	$(RL) merge $(RECIPES)/blocks --base $(DEMO)/gateup.gguf -o $(RECIPES)/blocks.gguf --force
+	$(RL) merge $(RECIPES)/high-bit-lora --base $(DEMO)/gateup.gguf --imatrix $(DEMO)/imatrix.gguf -o $(RECIPES)/high-bit-lora.gguf --force
+	$(RL) merge $(DEMO)/train --base $(DEMO)/gateup.gguf --imatrix $(DEMO)/imatrix.gguf -o $(RECIPES)/naive-gateup-merge.gguf --force
+	$(RL) merge $(RECIPES)/second-pass --base $(DEMO)/recovered.gguf -o $(RECIPES)/second-pass.gguf --force
+	for v in blocks high-bit-lora naive-gateup-merge second-pass; do $(RL) heldout --base $(RECIPES)/$$v.gguf $(HELDOUT) --json $(RECIPES)/heldout-$$v.json || exit 1; done
+	$(RL) heldout --base $(DEMO)/gateup.gguf --adapter $(RECIPES)/high-bit-lora/adapter $(HELDOUT) --json $(RECIPES)/heldout-high-bit-lora-unmerged.json
 
 bench: bench-export bench-padding
 

@@ -92,15 +92,13 @@ def attention_probe_config(shape: str, layers: int, depth: int) -> dict:
     return {**probe_config(shape, layers), "intermediate_size": ATTENTION_PROBE_INTERMEDIATE}
 
 
-def _seconds_per_token(llm, depth: int, token: int, seconds: float) -> list[float]:
+def _seconds_per_token(timer, depth: int, token: int, seconds: float) -> list[float]:
     """Wall seconds of single-token decode steps at `depth`, for about `seconds` (8 to 400 steps)."""
     steps: list[float] = []
     start = time.perf_counter()
     while len(steps) < _MAX_TOKENS + _WARMUP_TOKENS and (len(steps) < _MIN_TOKENS + _WARMUP_TOKENS or time.perf_counter() - start < seconds):
-        llm.n_tokens = depth  # Llama.eval drops cached rows from n_tokens on: the last step's token goes
-        step_start = time.perf_counter()
-        llm.eval([token])
-        steps.append(time.perf_counter() - step_start)
+        timer.rewind(depth)  # undo the last step's token: every step sees the same depth
+        steps.append(timer.decode([token]))
     return steps[_WARMUP_TOKENS:]  # the first steps after a fill re-plan the graph
 
 
@@ -123,11 +121,11 @@ def attention_rate(
     Example:
         attention_rate(threads=2).flop_per_s / 1e9   # G attention FLOPs/s
     """
-    import llama_cpp
-
     from recover_lora.devices.roofline import token_cost
     from recover_lora.devices.shapes import FILE_POLICY, load_model_shape
     from recover_lora.export.quantize import export_model
+    from recover_lora.runtime.llama import LlamaOptions, load_llama
+    from recover_lora.runtime.timer import LlamaTimer
 
     if seconds <= 0:
         raise RecoverLoraError(f"attention probe time {seconds} s must be positive")
@@ -141,23 +139,22 @@ def attention_rate(
         path = export_model(config_path, Path(work_dir) / "probe.gguf", "w4", threads=threads, random_weights=True).path
         probe_shape = load_model_shape(path)
         # F16 K and V, no flash attention: llama.cpp's defaults, and what `recover-lora bench` times.
-        llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=depth + 64, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, flash_attn=False, verbose=False
-        )
+        options = LlamaOptions(n_ctx=depth + 64, threads=threads, gpu_layers=0, flash_attn=False)
+        loaded = load_llama(path, options=options)
         try:
-            # Token ids do not change the work of a decode step; any valid id will do.
-            token = llm.token_bos() if llm.token_bos() >= 0 else 0
+            timer = LlamaTimer(loaded)
+            token = timer.any_token
             load_1min = os.getloadavg()[0]
             medians: dict[int, list[float]] = {d: [] for d in depths}
             counts = []
             for d in schedule:
-                llm.n_tokens = min(llm.n_tokens, d)
-                llm.eval([token] * (d - llm.n_tokens))  # fill the cache up to depth d, or drop the rows past it
-                steps = _seconds_per_token(llm, d, token, seconds)
+                timer.rewind(min(timer.depth, d))
+                timer.decode([token] * (d - timer.depth))  # fill the cache up to depth d, or drop the rows past it
+                steps = _seconds_per_token(timer, d, token, seconds)
                 medians[d].append(statistics.median(steps))
                 counts.append(len(steps))
         finally:
-            llm.close()
+            loaded.close()
     seconds_per_token = tuple(statistics.fmean(medians[d]) for d in depths)
     costs = [token_cost(probe_shape, FILE_POLICY, d).attention for d in depths]
     result = AttentionResult(

@@ -1,11 +1,16 @@
 """`devices calibrate`: the roofline's predictions against measured llama.cpp decode speed.
 
 Data flows one way: `recover-lora bench` (runtime/) writes JSON records into the results folder;
-this module only reads those files (it never imports runtime/). For every decode measurement
-whose GGUF is still on disk it prints predicted vs measured tokens/s, the bytes/s the run
-sustained (roofline bytes per token of that file x measured tokens/s) as a fraction of the
-profile's bandwidth, and, for same-shape files exported with `w4` and `gateup` at the same depth,
-the measured GateUp/W4 ratio next to the predicted one.
+this module reads them through runtime/records.py, which owns their schema and the machine
+identity. For every decode measurement whose GGUF is still on disk it prints predicted vs
+measured tokens/s, the bytes/s the run sustained (roofline bytes per token of that file x
+measured tokens/s) as a fraction of the profile's bandwidth, and, for same-shape files exported
+with `w4` and `gateup` at the same depth, the measured GateUp/W4 ratio next to the predicted one.
+
+A record is compared only with a profile of the back end it ran on (the first word of the
+profile's `backend`: a probed profile is "CPU (N threads)"), so GPU-offloaded runs never meet a
+CPU-probed profile; and, unless asked otherwise, only with a profile of the machine it ran on
+(`runtime.records.same_machine`).
 """
 
 from __future__ import annotations
@@ -14,68 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
 
-from recover_lora.devices.probe import same_machine
 from recover_lora.devices.profiles import GB, DeviceProfile
 from recover_lora.errors import RecoverLoraError
-from recover_lora.fileio import read_jsonl
+from recover_lora.runtime.records import BenchRecord, read_results, same_machine
 
 
-@dataclass(frozen=True)
-class BenchRecord:
-    """One decode measurement of a bench record (schema v1, see runtime/bench.py's docstring)."""
-
-    model_path: str
-    depth: int
-    decode_tokens_per_s: float
-    adapter_path: str | None = None
-    fingerprint: dict | None = None
-    run_id: str = ""
-    variant: str = ""
-    baseline_variant: str = ""
-    # Per-repeat interleaved ratio of decode speed to the run's first variant (median), if any.
-    decode_ratio_vs_baseline: float | None = None
-    threads: int | None = None
-    load_1min: float | None = None
-    origin: str = ""
-
-
-def parse_record(raw: dict, origin: str = "") -> BenchRecord | None:
-    """The decode measurement of one `recover-lora bench` record, or None for other records."""
-    if raw.get("kind") != "bench" or not isinstance(raw.get("model"), dict):
-        return None
-    tg = raw.get("tg_tokens_per_s") or {}
-    rate, depth, model = tg.get("median"), raw.get("depth"), raw["model"].get("path")
-    if rate is None or depth is None or model is None:
-        return None
-    ratio = ((raw.get("ratio_vs_baseline") or {}).get("tg") or {}).get("median")
-    load = raw.get("load_average")
-    return BenchRecord(
-        model_path=str(model),
-        depth=int(depth),
-        decode_tokens_per_s=float(rate),
-        adapter_path=(raw.get("adapter") or {}).get("path"),
-        fingerprint=raw.get("device") if isinstance(raw.get("device"), dict) else None,
-        run_id=str(raw.get("run_id", "")),
-        variant=str(raw.get("variant", "")),
-        baseline_variant=str(raw.get("baseline_variant", "")),
-        decode_ratio_vs_baseline=None if ratio is None else float(ratio),
-        threads=(raw.get("settings") or {}).get("threads"),
-        load_1min=load[0] if isinstance(load, list) and load else None,
-        origin=origin,
-    )
-
-
-def read_records(folder: Path) -> list[BenchRecord]:
-    """Every bench decode record in the `*.jsonl` files (one JSON object per line) under `folder`."""
-    if not folder.is_dir():
-        raise RecoverLoraError(f"results folder {folder} does not exist; run `recover-lora bench` first (or pass --results)")
-    records: list[BenchRecord] = []
-    for path in sorted(folder.rglob("*.jsonl")):
-        for number, raw in read_jsonl(path):
-            record = parse_record(raw, f"{path.name}:{number}") if isinstance(raw, dict) else None
-            if record is not None:
-                records.append(record)
-    return records
+def ran_on_profile_backend(record: BenchRecord, profile: DeviceProfile) -> bool:
+    """The record ran on the back end the profile describes ("CPU (2 threads)" -> CPU, "Metal GPU" -> Metal)."""
+    return record.backend.lower() == (profile.backend.split() or [""])[0].lower()
 
 
 @dataclass
@@ -133,12 +84,15 @@ def calibrate(folder: Path, profile: DeviceProfile, same_machine_only: bool = Tr
     from recover_lora.devices.shapes import FILE_POLICY, identify_policy, load_model_shape
 
     report = CalibrationReport()
-    records = read_records(folder)
+    records = read_results(folder)
     if not records:
         raise RecoverLoraError(f"no decode records in {folder}; run `recover-lora bench MODEL.gguf` first")
     shapes: dict = {}
     pairs: dict[tuple, dict[str, list]] = {}
     for record in records:
+        if not ran_on_profile_backend(record, profile):
+            report.skipped.append(f"{record.origin}: ran on {record.backend} (gpu_layers {record.gpu_layers}), profile {profile.key} is {profile.backend}")
+            continue
         if same_machine_only and profile.fingerprint and not same_machine(record.fingerprint, profile.fingerprint):
             report.skipped.append(f"{record.origin}: measured on another machine ({(record.fingerprint or {}).get('cpu_model', '?')})")
             continue

@@ -219,11 +219,11 @@ def probe_command(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing profile file"),
 ) -> None:
     """Measure this machine (bandwidth, compute, llama.cpp decode, per-type matrix-vector and attention rates) and write a device profile."""
-    from recover_lora.devices.attention import attention_probe_config, attention_rate
-    from recover_lora.devices.matvec import matvec_rates, parse_matvec_types, probe_config
-    from recover_lora.devices.probe import probe, with_attention_rate, with_matvec_rates
-    from recover_lora.devices.profiles import profile_toml, results_dir
+    from recover_lora.devices.matvec import parse_matvec_types
+    from recover_lora.devices.probe import check_probe_settings, probe_device
+    from recover_lora.devices.profiles import profile_toml
     from recover_lora.fileio import atomic_output, check_output
+    from recover_lora.runtime.records import results_dir
 
     if threads is not None and threads < 1:
         raise RecoverLoraError(f"--threads {threads} must be >= 1")
@@ -231,22 +231,17 @@ def probe_command(
     if not key or not all(c.isalnum() or c in "-_" for c in key):
         raise RecoverLoraError(f"--name {name!r} must be letters, digits, '-' or '_'")
     types = parse_matvec_types(matvec_types) if decode and matvec else ()
-    if types:
-        probe_config(matvec_shape, matvec_layers)  # a bad shape fails here, before minutes of measuring
-    if decode and attention:
-        attention_probe_config(matvec_shape, attention_layers, attention_depth)
+    steps = dict(matvec_types=types, shape=matvec_shape, matvec_layers=matvec_layers, attention=decode and attention,
+                 attention_layers=attention_layers, attention_depth=attention_depth)
+    check_probe_settings(**steps)  # a bad shape fails here, before the output check and minutes of measuring
     out = out or results_dir() / f"{key}.toml"
     check_output(out, force)
     load_1min = os.getloadavg()[0]
     if load_1min > 0.5:
         typer.echo(f"warning: 1-min load average is {load_1min:.2f}; other work skews these timings (llama.cpp's badly): probe a quiet machine", err=True)
-    profile, stream, decode_result = probe(key, gguf_file, threads, stream_mib, decode)
-    matvec_results = matvec_rates(types, matvec_shape, matvec_layers, stream.threads) if types else []
-    if matvec_results:
-        profile = with_matvec_rates(profile, matvec_results, matvec_shape, matvec_layers, stream.threads)
-    attention_result = attention_rate(matvec_shape, attention_layers, attention_depth, stream.threads) if decode and attention else None
-    if attention_result is not None:
-        profile = with_attention_rate(profile, attention_result, matvec_shape, attention_layers, stream.threads)
+    measured = probe_device(key, gguf_file, threads, stream_mib, decode, **steps)
+    profile, stream, decode_result = measured.profile, measured.stream, measured.decode
+    matvec_results, attention_result = measured.matvec, measured.attention
     typer.echo(
         f"STREAM read {stream.read_GB_per_s:8.2f} GB/s   copy {stream.copy_GB_per_s:8.2f} GB/s   triad {stream.triad_GB_per_s:8.2f} GB/s  "
         f"({stream.threads} threads, {stream.array_MiB} MiB arrays; read is the effective bandwidth)"
@@ -292,8 +287,9 @@ def calibrate_command(
     import json
 
     from recover_lora.devices.calibrate import calibrate, format_calibration
-    from recover_lora.devices.profiles import get_profile, results_dir
+    from recover_lora.devices.profiles import get_profile
     from recover_lora.fileio import atomic_output, check_output
+    from recover_lora.runtime.records import results_dir
 
     if json_out is not None:
         check_output(json_out, force)

@@ -98,26 +98,22 @@ def decode_seconds_per_token(gguf_path: Path, threads: int, seconds: float) -> t
     """Median wall seconds of one single-token llama.cpp decode step, timed for about `seconds`
     (at least 8 and at most 400 steps): (median seconds, steps). The median shrugs off steps
     slowed by other work on the machine."""
-    import llama_cpp
+    from recover_lora.runtime.llama import LlamaOptions, load_llama
+    from recover_lora.runtime.timer import LlamaTimer
 
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_path), n_ctx=2 * _RESET_EVERY, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False
-    )
+    loaded = load_llama(gguf_path, options=LlamaOptions(n_ctx=2 * _RESET_EVERY, threads=threads, gpu_layers=0))
     try:
-        # Token ids do not change the work of a decode step; any valid id will do.
-        token = llm.token_bos() if llm.token_bos() >= 0 else 0
-        for _ in range(2):
-            llm.eval([token])  # warm-up: first-call allocations, weights paged in
+        timer = LlamaTimer(loaded)
+        token = timer.any_token
+        timer.decode_steps([token, token])  # warm-up: first-call allocations, weights paged in
         steps: list[float] = []
         start = time.perf_counter()
         while len(steps) < _MAX_TOKENS and (len(steps) < _MIN_TOKENS or time.perf_counter() - start < seconds):
-            if llm.n_tokens >= _RESET_EVERY:
-                llm.reset()  # the next eval starts at position 0 and drops the cached rows
-            step_start = time.perf_counter()
-            llm.eval([token])
-            steps.append(time.perf_counter() - step_start)
+            if timer.depth >= _RESET_EVERY:
+                timer.rewind(0)  # the next step starts at position 0 and drops the cached rows
+            steps.append(timer.decode([token]))
     finally:
-        llm.close()
+        loaded.close()
     return statistics.median(steps), len(steps)
 
 

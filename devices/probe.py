@@ -16,55 +16,48 @@ Five measurements, each honest about what it is:
   random-weight model whose every linear is that type; the roofline's per-type compute limit.
 - llama.cpp's decode attention rate (devices/attention.py): the roofline's attention FLOPs at a
   deep KV cache over the extra seconds per token they cost; the attention group's compute limit.
+
+`probe_device` runs them in that order into one profile: it is what `devices probe` and the
+pipeline's bench step call. Every llama.cpp timing here loads through runtime's `load_llama` and
+times through runtime/timer.py's `LlamaTimer`, as `recover-lora bench` does.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import platform
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
-from recover_lora.devices.attention import ATTENTION_PROBE_INTERMEDIATE, AttentionResult
-from recover_lora.devices.matvec import MATVEC_VOCAB_SIZE, MatvecResult
+from recover_lora.devices.attention import (
+    ATTENTION_PROBE_INTERMEDIATE,
+    DEFAULT_ATTENTION_DEPTH,
+    DEFAULT_ATTENTION_LAYERS,
+    AttentionResult,
+    attention_probe_config,
+    attention_rate,
+)
+from recover_lora.devices.matvec import (
+    DEFAULT_MATVEC_LAYERS,
+    DEFAULT_MATVEC_SHAPE,
+    DEFAULT_MATVEC_TYPES,
+    MATVEC_VOCAB_SIZE,
+    MatvecResult,
+    matvec_rates,
+    probe_config,
+)
 from recover_lora.devices.profiles import GB, TFLOP, DeviceProfile
 from recover_lora.errors import RecoverLoraError
-from recover_lora.runtime.fingerprint import cpu_model, ram_bytes
+from recover_lora.runtime.records import machine_identity
 
 MiB = 1 << 20
 _TRIAD_CHUNK_ELEMENTS = 32 * 1024  # 256 KiB of float64: stays in L2 between the two passes
-
-
-# The fields that set a machine's speed, under the key names bench records use
-# (runtime/fingerprint.py's device_fingerprint(), whose lookups the probe shares).
-MACHINE_KEYS = ("cpu_model", "cpu_cores_logical", "ram_bytes")
-
-
-def fingerprint() -> dict[str, object]:
-    """What identifies this machine: CPU model, logical cores, RAM bytes, OS, architecture.
-
-    Example:
-        fingerprint()["cpu_model"]   # 'AMD EPYC'
-    """
-    return {
-        "cpu_model": cpu_model() or "unknown",
-        "cpu_cores_logical": os.cpu_count() or 1,
-        "ram_bytes": ram_bytes() or 0,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-    }
-
-
-def same_machine(a: dict | None, b: dict | None) -> bool:
-    """Two fingerprints (probe profile or bench record) name the same machine."""
-    if not a or not b:
-        return False
-    return all(str(a.get(k)) == str(b.get(k)) for k in MACHINE_KEYS)
 
 
 def _parallel(threads: int, work) -> float:
@@ -204,34 +197,24 @@ def llama_cpp_decode(gguf_path: Path, threads: int | None = None, prompt_tokens:
 
     from recover_lora.devices.roofline import token_cost
     from recover_lora.devices.shapes import FILE_POLICY, load_model_shape
+    from recover_lora.runtime.llama import LlamaOptions, load_llama
+    from recover_lora.runtime.timer import LlamaTimer
 
     if prompt_tokens < 1 or decode_tokens < 4:
         raise RecoverLoraError(f"prompt tokens {prompt_tokens} must be >= 1 and decode tokens {decode_tokens} >= 4")
     shape = load_model_shape(gguf_path)  # fails with a clear message before llama.cpp loads anything
     threads = threads or os.cpu_count() or 1
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_path),
-        n_ctx=prompt_tokens + decode_tokens + 8,
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_gpu_layers=0,
-        verbose=False,
-    )
+    loaded = load_llama(gguf_path, options=LlamaOptions(n_ctx=prompt_tokens + decode_tokens + 8, threads=threads, gpu_layers=0))
     try:
-        # Token ids do not change the work of a decode step; any valid id will do.
-        token = llm.token_bos() if llm.token_bos() >= 0 else 0
-        llm.eval([token] * 8)  # warm-up (first-call allocations), then start over
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval([token] * prompt_tokens)
-        prompt_seconds = time.perf_counter() - start
-        llm.eval([token])  # warm-up decode step
-        start = time.perf_counter()
-        for _ in range(decode_tokens):
-            llm.eval([token])
-        seconds = time.perf_counter() - start
+        timer = LlamaTimer(loaded)
+        token = timer.any_token
+        timer.decode([token] * 8)  # warm-up (first-call allocations), then start over
+        timer.rewind(0)
+        prompt_seconds = timer.decode([token] * prompt_tokens)
+        timer.decode([token])  # warm-up decode step
+        seconds = sum(timer.decode_steps([token] * decode_tokens))
     finally:
-        llm.close()
+        loaded.close()
     cost = token_cost(shape, FILE_POLICY, prompt_tokens + 1 + decode_tokens // 2)
     return DecodeResult(
         gguf=str(gguf_path),
@@ -256,8 +239,7 @@ def probe(
     """Measure this machine; return its profile (STREAM read as effective bandwidth) and the raw results.
 
     llama.cpp's per-type matrix-vector rates and its attention rate are separate, slower steps
-    (devices/matvec.py, devices/attention.py): `with_matvec_rates(profile, matvec_rates(threads=...), ...)`
-    and `with_attention_rate(profile, attention_rate(threads=...), ...)` add them to the profile.
+    (devices/matvec.py, devices/attention.py); `probe_device` runs all of them in order.
 
     Example:
         profile, stream, decode = probe(threads=2)
@@ -297,9 +279,10 @@ def probe(
             f"measured {today}: llama.cpp CPU prompt processing of {Path(gguf_path).name}, {threads} threads, one "
             f"{result.prompt_tokens}-token batch at {result.prompt_tokens_per_s:.1f} tok/s x {result.prompt_flops_per_token / 1e9:.3f} GFLOP/token"
         )
+    identity = machine_identity()
     profile = DeviceProfile(
         key=name.lower(),
-        name=f"this machine ({fingerprint()['cpu_model']})",
+        name=f"this machine ({identity['cpu_model'] or 'CPU model unknown'})",
         device_class="host",
         backend=f"CPU ({threads} threads)",
         peak_compute_TFLOP_per_s=round(compute, 5),
@@ -307,7 +290,7 @@ def probe(
         quantized_compute_TFLOP_per_s=None if quantized_compute is None else round(quantized_compute, 5),
         sources=sources,
         extra=extra,
-        fingerprint=fingerprint(),
+        fingerprint=identity,
         date=today,
     )
     return profile, stream, result
@@ -348,3 +331,80 @@ def with_attention_rate(profile: DeviceProfile, result: AttentionResult, shape: 
     )
     rate = float(f"{result.flop_per_s / TFLOP:.4g}")
     return replace(profile, attention_compute_TFLOP_per_s=rate, sources={**profile.sources, "attention_compute": source})
+
+
+def check_probe_settings(
+    matvec_types: tuple[T, ...], shape: str, matvec_layers: int, attention: bool, attention_layers: int, attention_depth: int
+) -> None:
+    """One-line errors for bad settings of the steps that will run, before minutes of measuring."""
+    if matvec_types:
+        probe_config(shape, matvec_layers)
+    if attention:
+        attention_probe_config(shape, attention_layers, attention_depth)
+
+
+@dataclass(frozen=True)
+class DeviceProbe:
+    """What one `probe_device` run measured; `profile` carries the numbers the roofline uses, with sources."""
+
+    profile: DeviceProfile
+    stream: StreamResult
+    decode: DecodeResult | None
+    matvec: list[MatvecResult]
+    attention: AttentionResult | None
+
+
+def probe_device(
+    name: str = "host",
+    gguf_path: Path | None = None,
+    threads: int | None = None,
+    array_mib: int = 256,
+    decode: bool = True,
+    matvec_types: tuple[T, ...] = DEFAULT_MATVEC_TYPES,
+    shape: str = DEFAULT_MATVEC_SHAPE,
+    matvec_layers: int = DEFAULT_MATVEC_LAYERS,
+    attention: bool = True,
+    attention_layers: int = DEFAULT_ATTENTION_LAYERS,
+    attention_depth: int = DEFAULT_ATTENTION_DEPTH,
+    progress: Callable[[str], None] | None = None,
+) -> DeviceProbe:
+    """The whole probe of this machine, in order: bandwidth, compute and llama.cpp decode (`probe`),
+    llama.cpp's matrix-vector rate per ggml type, its decode attention rate; one profile of them all.
+
+    What `recover-lora devices probe` and the pipeline's bench step both run.
+
+    Args:
+        name: profile key.
+        gguf_path: GGUF llama.cpp decode is timed on (default: the default model).
+        threads: threads of every step (default: all cores).
+        array_mib: size of each bandwidth-probe array.
+        decode: False skips every llama.cpp measurement (decode, matrix-vector, attention).
+        matvec_types: ggml types whose matrix-vector rate to measure; () skips that step.
+        shape: bundled shape name or config.json of the matrix-vector and attention probe models.
+        matvec_layers: layers of that shape in each matrix-vector probe model.
+        attention: False skips the attention rate.
+        attention_layers: layers of that shape in the attention probe model.
+        attention_depth: the deepest KV-cache depth the attention rate is timed at.
+        progress: called with a line before each step.
+
+    Example:
+        result = probe_device(threads=2, matvec_types=(T.Q4_K,), attention=False)
+        result.profile.matvec_weights_per_s[T.Q4_K]
+    """
+    say = progress or (lambda message: None)
+    if not decode:
+        matvec_types, attention = (), False
+    check_probe_settings(matvec_types, shape, matvec_layers, attention, attention_layers, attention_depth)
+    say("memory bandwidth, compute" + (" and llama.cpp decode" if decode else "") + " ...")
+    profile, stream, decode_result = probe(name, gguf_path, threads, array_mib, decode)
+    matvec_results: list[MatvecResult] = []
+    if matvec_types:
+        say("llama.cpp's matrix-vector rate per ggml type ...")
+        matvec_results = matvec_rates(matvec_types, shape, matvec_layers, stream.threads)
+        profile = with_matvec_rates(profile, matvec_results, shape, matvec_layers, stream.threads)
+    attention_result = None
+    if attention:
+        say("llama.cpp's decode attention rate over the KV cache ...")
+        attention_result = attention_rate(shape, attention_layers, attention_depth, stream.threads)
+        profile = with_attention_rate(profile, attention_result, shape, attention_layers, stream.threads)
+    return DeviceProbe(profile, stream, decode_result, matvec_results, attention_result)

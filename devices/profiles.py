@@ -7,7 +7,6 @@ the curated ones, so a probe never edits the curated file.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from recover_lora.errors import RecoverLoraError
+from recover_lora.runtime.records import results_dir  # probe profiles live beside the bench records
 
 CURATED_PROFILES = Path(__file__).with_name("profiles.toml")
-# Bench records (runtime) and probe profiles (here) go to one folder users can share.
-RESULTS_DIR_ENV = "RECOVER_LORA_RESULTS"
-DEFAULT_RESULTS_DIR = Path(__file__).with_name("results")
 
 GB = 1e9  # bytes: bandwidths are in decimal GB/s, as vendors quote them
 TFLOP = 1e12
@@ -34,11 +31,6 @@ DEVICE_CLASSES = ("laptop", "desktop", "phone", "sbc", "host")
 _STRING_KEYS = ("name", "device_class", "backend", "date")
 # Per-ggml-type matrix-vector rates: a table {TYPE = weights per second}, with `matvec_source`.
 MATVEC_KEY, MATVEC_STEM = "matvec_weights_per_s", "matvec"
-
-
-def results_dir() -> Path:
-    """Where probe profiles and bench records live: $RECOVER_LORA_RESULTS or devices/results/."""
-    return Path(os.environ.get(RESULTS_DIR_ENV) or DEFAULT_RESULTS_DIR)
 
 
 def _unit_stem(key: str) -> str | None:
@@ -78,6 +70,7 @@ class DeviceProfile:
     # device (`devices probe`); where present the roofline uses it for that type's weights
     # instead of FLOPs / quantized_compute. Type names (str) are accepted and converted.
     matvec_weights_per_s: dict[T, float] = field(default_factory=dict)
+    # runtime.records.machine_identity() of the probed machine; `same_machine` matches records to it.
     fingerprint: dict[str, Any] | None = None
     date: str | None = None
     origin: str = ""  # the file it came from
@@ -95,6 +88,8 @@ class DeviceProfile:
             if not self.sources.get(stem):
                 raise RecoverLoraError(f"{where}: {key} has no {stem}_source; every number needs a source")
         object.__setattr__(self, "matvec_weights_per_s", _matvec_rates(self.matvec_weights_per_s, where))
+        if self.fingerprint is not None:  # TOML has no null: a field the probe could not read is left out
+            object.__setattr__(self, "fingerprint", {k: v for k, v in self.fingerprint.items() if v is not None})
         if self.matvec_weights_per_s and not self.sources.get(MATVEC_STEM):
             raise RecoverLoraError(f"{where}: {MATVEC_KEY} has no {MATVEC_STEM}_source; every number needs a source")
 

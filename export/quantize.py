@@ -17,17 +17,19 @@ import ctypes
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.archs.base import ROPE_FREQS
 from recover_lora.export.gguf_header import read_gguf_header
 from recover_lora.export.imatrix_file import ImportanceMatrix, imatrix_for_quantizer, read_imatrix
 from recover_lora.export.llama_load import llama_cpp_load_check, llama_cpp_log_to
-from recover_lora.export.model import ModelWeights, gguf_name
+from recover_lora.export.model import LazyTensors, ModelWeights, gguf_name
 from recover_lora.export.pad import K_QUANT_BLOCK, misaligned_tensors, needs_padding, pad_model
 from recover_lora.export.policy import Policy, is_quantizable
 from recover_lora.fileio import atomic_output, check_output
@@ -124,6 +126,24 @@ def check_types(path: Path, expected: dict[str, gguf.GGMLQuantizationType]) -> d
     return {n: t.name for n, t in written.items()}
 
 
+def with_deltas(weights: ModelWeights, deltas: Mapping[str, np.ndarray]) -> ModelWeights:
+    """The weights with each delta added to its tensor (lazily: one tensor at a time, as everything else)."""
+    unknown = [n for n in deltas if n not in weights.tensors]
+    if unknown:
+        raise RecoverLoraError(f"cannot merge into {unknown[0]}: the model has no such tensor")
+
+    def add(name: str, array: np.ndarray) -> np.ndarray:
+        if name not in deltas:
+            return array
+        delta = deltas[name]
+        if delta.shape != array.shape:
+            raise RecoverLoraError(f"cannot merge a {tuple(delta.shape)} change into {name} of shape {tuple(array.shape)}")
+        return (np.asarray(array, dtype=np.float32) + delta).astype(np.float32)
+
+    source = weights.tensors
+    return weights.replace(tensors=LazyTensors({n: (lambda n=n: source[n]) for n in source}).map(add))
+
+
 def export_model(
     source: str | Path | None,
     out_path: str | Path,
@@ -133,6 +153,7 @@ def export_model(
     threads: int | None = None,
     random_weights: bool = False,
     imatrix: "str | Path | ImportanceMatrix | None" = None,
+    deltas: Mapping[str, np.ndarray] | None = None,
 ) -> ExportResult:
     """Export a model to a mixed-precision GGUF quantized by llama.cpp.
 
@@ -146,6 +167,8 @@ def export_model(
         random_weights: `source` is a config.json; export random weights of its shape (speed tests).
         imatrix: an importance matrix (file or `ImportanceMatrix`) for llama.cpp's quantizer; needed
             by IQ2_XXS/IQ2_XS/IQ2_S/IQ3_XXS/IQ1_* (random weights get uniform weights instead).
+        deltas: Hugging Face tensor name -> array added to that tensor after padding, before
+            quantizing (a merged LoRA: `recovery.merge`); shapes are the padded ones.
 
     Example:
         export_model(None, "smollm2.gateup.gguf", "gateup")
@@ -158,6 +181,8 @@ def export_model(
     matrix = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix  # a bad file fails before any work
     weights = random_model(source) if random_weights else load_model(source)
     padded_weights, types = plan_types(weights, policy, pad)
+    if deltas:
+        padded_weights = with_deltas(padded_weights, deltas)
     shapes = padded_weights.config.arch.gguf_tensor_shapes(padded_weights.config)
     imatrix_data = imatrix_for_quantizer(matrix, types, {n: s[-1] for n, s in shapes.items()}, random_weights,
                                          source=str(imatrix) if isinstance(imatrix, (str, Path)) else "the importance matrix")

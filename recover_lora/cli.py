@@ -66,6 +66,17 @@ def pipeline_command(
     typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
 
 
+@app.command("report")
+def report_command(
+    run_dir: Path = typer.Argument(..., help="A `recover-lora pipeline` run folder (the one holding pipeline.json)"),
+) -> None:
+    """Redraw a pipeline run's report.md and report.html from its pipeline.json and step outputs, running nothing."""
+    from recover_lora.report import write_report
+
+    report = write_report(run_dir)
+    typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
+
+
 class Terminated(SystemExit):
     """SIGTERM as an exception, so every `finally` and context manager cleans up (temporary outputs,
     work folders, logs) instead of the process dying with them on disk. A SystemExit, not a

@@ -1,10 +1,11 @@
 """`recover-lora pipeline`: one model through the whole method, resumable step by step.
 
 Steps (each a call into its stage's own function; this module only orders them):
-  synth    -> synth/ (the teacher's own text)                      recovery.synth_cli.synthesize
+  synth    -> synth/ (the teacher's own text)                      recovery.synth.synthesize
   imatrix  -> imatrix.gguf (Σx² per input column, from synth/)     recovery.imatrix.compute_imatrix
   export   -> w4.gguf, gateup.gguf (+ optional policies)          export.quantize.export_model (--imatrix)
   train    -> train/ (peft adapter + adapter.gguf)                 recovery.distill.train
+  recover  -> recover/, recovered.gguf (one file, gateup's types)  recovery.distill.train + recovery.merge.merge_run
   heldout  -> heldout.json (KL / perplexity on unseen text)        recovery.heldout.heldout_report
   eval     -> eval/<variant>.json (task accuracy, llama.cpp)       runtime.evaluate.run_eval
   bench    -> bench.jsonl, host.toml, roofline.json                runtime.bench + devices.probe/roofline
@@ -13,7 +14,10 @@ Steps (each a call into its stage's own function; this module only orders them):
 `DIR/pipeline.json` records, per step, a digest of its inputs (settings plus the hashes of the
 files it reads) and the hashes of what it wrote. A step whose record matches is skipped, so a
 killed pipeline resumes where it stopped; a changed input re-runs that step and, through the
-hashes, every step after it. `--force STEP` (or `--force all`) redoes steps.
+hashes, every step after it. `--force STEP` (or `--force all`) redoes steps. It also records the
+run itself (preset, model, commands, variants, file names): `recover-lora report DIR` redraws the
+report from it and the step outputs alone. `DIR/file_hashes.json` remembers file hashes by
+(path, size, mtime), so a resume reads no file that has not changed.
 """
 
 from __future__ import annotations
@@ -28,65 +32,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from recover_lora.errors import RecoverLoraError
-from recover_lora.fileio import atomic_output, sha256_file
+from recover_lora.fileio import atomic_output, load_hash_cache, save_hash_cache, sha256_file
+from recover_lora.presets import get_preset
 
 # synth needs only the teacher, so it comes first: its text feeds the importance matrix of the exports.
-STEPS = ("synth", "imatrix", "export", "train", "heldout", "eval", "bench", "report")
+STEPS = ("synth", "imatrix", "export", "train", "recover", "heldout", "eval", "bench", "report")
 MANIFEST_FILE = "pipeline.json"
 MANIFEST_VERSION = 1
+HASH_CACHE_FILE = "file_hashes.json"
 
 
-@dataclass(frozen=True)
-class PipelinePreset:
-    """How big each step is. The training recipe itself is `recovery.presets` of the same name."""
-
-    name: str
-    eval_tasks: str
-    eval_limit: int | None
-    heldout_tokens: int
-    bench_depths: tuple[int, ...]
-    bench_repeats: int
-    bench_n_gen: int
-    roofline_contexts: tuple[int, ...]
-    synth_batch_size: int
-    probe_array_mib: int = 256  # STREAM arrays of the bandwidth probe: far larger than any cache
-    matvec_layers: int = 2  # layers of the per-type matrix-vector probe models (devices/matvec.py); 0 = skip
-    attention_layers: int = 8  # layers of the attention-rate probe model (devices/attention.py); 0 = skip
-    # Synthetic samples the importance matrix is computed from (the first ones of synth/; never held-out text).
-    # 128 x 128 tokens took the default model's gateup KL from 1.38 to 0.60 in a hand test (issue 11).
-    imatrix_samples: int = 128
-
-
-PIPELINE_PRESETS = {
-    # Default model on 2 CPU cores: synth 512 x 128 took 31 min and training 13 min on a shared box;
-    # batch 128 decodes ~2.8x faster than 32 there.
-    "cpu-demo": PipelinePreset(
-        name="cpu-demo", eval_tasks="quick3", eval_limit=200, heldout_tokens=8192, bench_depths=(0, 512, 2048),
-        bench_repeats=3, bench_n_gen=32, roofline_contexts=(0, 512, 1024, 2048, 4096), synth_batch_size=128,
-    ),
-    # The paper's scale, for a GPU machine: 10,000 synthetic samples, the 12-task suite.
-    "paper": PipelinePreset(
-        name="paper", eval_tasks="paper12", eval_limit=1000, heldout_tokens=32768, bench_depths=(0, 512, 2048, 4096),
-        bench_repeats=5, bench_n_gen=64, roofline_contexts=(0, 1024, 4096, 16384, 32768), synth_batch_size=128,
-    ),
-    # Seconds, not minutes: checks the wiring on any model (and is what the tests run on stories260K).
-    # Its numbers mean nothing.
-    "smoke": PipelinePreset(
-        name="smoke", eval_tasks="quick3", eval_limit=4, heldout_tokens=512, bench_depths=(0,), bench_repeats=1,
-        bench_n_gen=4, roofline_contexts=(0, 256), synth_batch_size=8, probe_array_mib=16, matvec_layers=0, attention_layers=0,
-        imatrix_samples=4,
-    ),
-}
-
-# The variants the report compares; labels are what runtime.compare expects for its roles.
-VARIANTS = ("teacher", "w4", "gateup", "gateup+adapter")
-
-
-def get_pipeline_preset(name: str) -> PipelinePreset:
-    try:
-        return PIPELINE_PRESETS[name]
-    except KeyError:
-        raise RecoverLoraError(f"unknown preset {name!r}; choose one of: {', '.join(PIPELINE_PRESETS)}") from None
+# The part each variant (Pipeline._variant_files) plays in the report: runtime.compare's teacher,
+# quantized and recovered (the one-file model), the unmerged adapter, and the baseline that speeds are compared to.
+ROLES = {"teacher": "teacher", "baseline": "w4", "quantized": "gateup", "adapter": "gateup+adapter", "recovered": "recovered"}
 
 
 @dataclass
@@ -104,14 +62,12 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         from recover_lora.export.policy import policy_names
-        from recover_lora.recovery.presets import get_preset
 
         self.out_dir = Path(self.out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise RecoverLoraError(f"--out {self.out_dir} is a file; give a folder")
         if self.model is not None and not Path(self.model).exists():
             raise RecoverLoraError(f"model source {self.model} does not exist; give a Hugging Face folder, a .gguf file, or nothing")
-        get_pipeline_preset(self.preset)
         get_preset(self.preset)
         unknown = [p for p in self.extra_policies if p not in policy_names()]
         if unknown:
@@ -183,19 +139,19 @@ class Pipeline:
     """Runs the steps in order; each step is skipped when its record in the manifest still holds."""
 
     def __init__(self, config: PipelineConfig):
-        from recover_lora.recovery.presets import get_preset
-
         self.config = config
-        self.preset = get_pipeline_preset(config.preset)
-        self.recovery_preset = get_preset(config.preset)
+        self.preset = get_preset(config.preset)
         self.out = config.out_dir
         self.out.mkdir(parents=True, exist_ok=True)
         self.manifest = Manifest(self.out)
+        load_hash_cache(self.out / HASH_CACHE_FILE)
         self.path = {
             **{policy: self.out / f"{policy}.gguf" for policy in config.policies},
             "synth": self.out / "synth",
             "imatrix": self.out / "imatrix.gguf",
             "train": self.out / "train",
+            "recover": self.out / "recover",
+            "recovered": self.out / "recovered.gguf",
             "heldout": self.out / "heldout.json",
             "eval": self.out / "eval",
             "bench": self.out / "bench.jsonl",
@@ -204,21 +160,24 @@ class Pipeline:
         }
 
     # -- plumbing -------------------------------------------------------------------------
-    def _step(self, name: str, inputs: dict, outputs: list[Path], action: Callable[[], dict]) -> dict:
+    def _step(self, name: str, inputs: dict, outputs: list[Path], action: Callable[..., dict], resumable: bool = False) -> dict:
+        """Skip the step when its record holds, else run `action`: `action(resuming)` for a resumable step
+        (one that can continue its own checkpoint), `action()` for one that always starts over."""
         digest = digest_of(inputs)
         if not self.config.forced(name) and self.manifest.up_to_date(name, digest, outputs):
             record = self.manifest.steps[name]
             say(f"[{name}] up to date, skipped ({record.summary.get('line', '')})")
+            self._save_hashes()
             return record.summary
         # A step that was started with these same inputs and killed may continue its own checkpoint;
         # anything else (new inputs, --force) starts that step over.
-        self.resuming = not self.config.forced(name) and self.manifest.started.get(name) == digest
+        resuming = resumable and not self.config.forced(name) and self.manifest.started.get(name) == digest
         self.manifest.steps.pop(name, None)
         self.manifest.started[name] = digest
         self.manifest.save()
-        say(f"[{name}] {'resuming' if self.resuming else 'running'} ...")
+        say(f"[{name}] {'resuming' if resuming else 'running'} ...")
         start = time.perf_counter()
-        summary = action()
+        summary = action(resuming) if resumable else action()
         hashes = self.manifest.hashes(outputs)
         if hashes is None:
             missing = [str(p) for p in outputs if not p.is_file()]
@@ -227,18 +186,26 @@ class Pipeline:
         self.manifest.steps[name] = StepRecord(digest, hashes, seconds, summary)
         self.manifest.started.pop(name, None)
         self.manifest.save()
+        self._save_hashes()
         say(f"[{name}] done in {seconds:.0f} s: {summary.get('line', '')}")
         return summary
+
+    def _save_hashes(self) -> None:
+        # The run folder's files and the model source's: what the next resume would otherwise read again.
+        save_hash_cache(self.out / HASH_CACHE_FILE, [self.out, self._source_path()])
 
     def _hash(self, *paths: Path) -> dict[str, str]:
         return {str(p.relative_to(self.out)): sha256_file(p) for p in paths}
 
-    def _source_identity(self) -> dict:
+    def _source_path(self) -> Path:
         from recover_lora.export.sources import default_model_path
-        from recover_lora.recovery.synth_cli import teacher_source_identity
 
-        source = Path(self.config.model) if self.config.model else default_model_path()
-        return teacher_source_identity(source)
+        return Path(self.config.model) if self.config.model else default_model_path()
+
+    def _source_identity(self) -> dict:
+        from recover_lora.recovery.teacher_source import teacher_source_identity
+
+        return teacher_source_identity(self._source_path())
 
     # -- steps ----------------------------------------------------------------------------
     def export(self) -> dict:
@@ -278,77 +245,109 @@ class Pipeline:
         return self._step("imatrix", inputs, outputs, action)
 
     def synth(self) -> dict:
-        from recover_lora.recovery.synth_cli import synthesize
+        from recover_lora.recovery.synth import synthesize
+        from recover_lora.recovery.synth_config import SynthConfig
 
         folder = self.path["synth"]
-        settings = dict(n_samples=self.recovery_preset.synth_samples, seq_len=self.recovery_preset.synth_seq_len,
-                        seed=self.config.seed, batch_size=self.preset.synth_batch_size, first_token="random",
-                        temperature=1.0, top_p=0.95, greedy_tokens=3, eos="mask")
+        # The preset sizes the set; every other setting is SynthConfig's default.
+        settings = asdict(SynthConfig(n_samples=self.preset.synth_samples, seq_len=self.preset.synth_seq_len,
+                                      seed=self.config.seed, batch_size=self.preset.synth_batch_size))
         outputs = [folder / "samples.safetensors", folder / "manifest.json"]
 
-        def action() -> dict:
-            manifest = synthesize(self.config.model, folder, self.config.device, resume=self.resuming, force=not self.resuming,
+        def action(resuming: bool) -> dict:
+            manifest = synthesize(self.config.model, folder, self.config.device, resume=resuming, force=not resuming,
                                   progress=True, **settings)
             counts = manifest["counts"]
             return {"line": f"{counts['n_samples']} x {counts['seq_len']} tokens, duplicate rate {manifest['duplicate_rate']:.2%}",
                     "manifest": manifest}
 
-        return self._step("synth", {"source": self._source_identity(), **settings}, outputs, action)
+        return self._step("synth", {"source": self._source_identity(), **settings}, outputs, action, resumable=True)
 
     def train(self) -> dict:
         from recover_lora.recovery.distill import TrainConfig, train
 
         run_dir = self.path["train"]
         outputs = [run_dir / "adapter.gguf", run_dir / "adapter" / "adapter_model.safetensors"]
-        settings = dict(self.recovery_preset.train, seed=self.config.seed, device=self.config.device)
+        settings = dict(self.preset.train, seed=self.config.seed, device=self.config.device)
         inputs = {"settings": settings, **self._hash(self.path["gateup"], self.path["synth"] / "samples.safetensors")}
 
-        def action() -> dict:
-            resume = self.resuming and (run_dir / "checkpoint.pt").is_file()
+        def action(resuming: bool) -> dict:
+            resume = resuming and (run_dir / "checkpoint.pt").is_file()
             result = train(TrainConfig(base=self.path["gateup"], output=run_dir, samples=self.path["synth"],
                                        teacher=self.config.model, resume=resume, force=not resume, **settings))
             metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}
             return {"line": f"{result.steps} steps, last KL {metrics.get('kl', float('nan')):.3f}",
                     "steps": result.steps, "metrics": metrics, "targets": result.target_tensors}
 
-        return self._step("train", inputs, outputs, action)
+        return self._step("train", inputs, outputs, action, resumable=True)
+
+    def recover(self) -> dict:
+        """The one-file recovered model: gate/up's Q2_K block scales and a LoRA on the 4-bit linears,
+        trained together against the exact gateup student, then merged (`recover-lora merge`)."""
+        from recover_lora.recovery.distill import TrainConfig, train
+        from recover_lora.recovery.merge import merge_run
+
+        run_dir = self.path["recover"]
+        outputs = [self.path["recovered"]]
+        settings = dict(self.preset.recover, seed=self.config.seed, device=self.config.device)
+        inputs = {"settings": settings, "source": self._source_identity(),
+                  **self._hash(self.path["gateup"], self.path["imatrix"], self.path["synth"] / "samples.safetensors")}
+
+        def action(resuming: bool) -> dict:
+            resume = resuming and (run_dir / "checkpoint.pt").is_file()
+            result = train(TrainConfig(base=self.path["gateup"], output=run_dir, samples=self.path["synth"],
+                                       teacher=self.config.model, resume=resume, force=not resume, **settings))
+            merged = merge_run(self.path["gateup"], run_dir, self.path["recovered"], teacher=self.config.model,
+                               imatrix=self.path["imatrix"], threads=self.config.threads, force=True)
+            metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}
+            return {"line": f"{result.steps} steps, last KL {metrics.get('kl', float('nan')):.3f}; "
+                            f"{len(merged.block_scale_tensors)} Q2_K tensors with trained scales, "
+                            f"{len(merged.lora_tensors)} re-quantized with the LoRA merged in",
+                    "steps": result.steps, "metrics": metrics, "lora_tensors": merged.lora_tensors,
+                    "block_scale_tensors": merged.block_scale_tensors, "file_bytes": merged.file_bytes}
+
+        return self._step("recover", inputs, outputs, action, resumable=True)
 
     def heldout(self) -> dict:
-        from recover_lora.recovery.heldout import heldout_report
+        from recover_lora.recovery.heldout import ADAPTER_ROW, STUDENT_ROW, TEACHER_ROW, heldout_report
 
         outputs = [self.path["heldout"]]
         adapter_dir = self.path["train"] / "adapter"
         inputs = {"tokens": self.preset.heldout_tokens,
-                  **self._hash(self.path["w4"], self.path["gateup"], adapter_dir / "adapter_model.safetensors")}
+                  **self._hash(self.path["w4"], self.path["gateup"], adapter_dir / "adapter_model.safetensors", self.path["recovered"])}
 
         def action() -> dict:
             common = dict(teacher_source=self.config.model, max_tokens=self.preset.heldout_tokens, device=self.config.device)
             gateup = heldout_report(self.path["gateup"], adapter_dir, **common)
             w4 = heldout_report(self.path["w4"], None, **common)
-            rows = {"teacher": gateup["rows"][0], "w4": w4["rows"][1], "gateup": gateup["rows"][1], "gateup+adapter": gateup["rows"][2]}
+            recovered = heldout_report(self.path["recovered"], None, **common)
+            gateup_rows, w4_rows, recovered_rows = ({row["model"]: row for row in report["rows"]} for report in (gateup, w4, recovered))
+            rows = {"teacher": gateup_rows[TEACHER_ROW], "w4": w4_rows[STUDENT_ROW], "gateup": gateup_rows[STUDENT_ROW],
+                    "gateup+adapter": gateup_rows[ADAPTER_ROW], "recovered": recovered_rows[STUDENT_ROW]}
             report = {"text": gateup["text"], "windows": gateup["windows"], "window": gateup["window"], "rows": rows}
             with atomic_output(self.path["heldout"], force=True) as tmp:
                 tmp.write_text(json.dumps(report, indent=2))
-            kl = {k: rows[k]["kl_to_teacher"] for k in ("gateup", "gateup+adapter")}
-            return {"line": f"KL to teacher {kl['gateup']:.3f} -> {kl['gateup+adapter']:.3f} with the adapter", "rows": rows}
+            kl = {k: rows[k]["kl_to_teacher"] for k in ("gateup", "gateup+adapter", "recovered")}
+            return {"line": f"KL to teacher: gateup {kl['gateup']:.3f}, with the adapter {kl['gateup+adapter']:.3f}, "
+                            f"recovered (one file) {kl['recovered']:.3f}", "rows": rows}
 
         return self._step("heldout", inputs, outputs, action)
 
     def _variant_files(self) -> dict[str, tuple[Path | None, Path | None]]:
         adapter = self.path["train"] / "adapter.gguf"
         return {"teacher": (None, None), "w4": (self.path["w4"], None), "gateup": (self.path["gateup"], None),
-                "gateup+adapter": (self.path["gateup"], adapter)}
+                "gateup+adapter": (self.path["gateup"], adapter), "recovered": (self.path["recovered"], None)}
 
     def eval(self) -> dict:
         from recover_lora.runtime.evaluate import EvalSettings, finished_results, run_eval
 
         folder = self.path["eval"]
-        outputs = [folder / f"{label}.json" for label in VARIANTS]
+        outputs = [folder / f"{label}.json" for label in self._variant_files()]
         files = [p for model, lora in self._variant_files().values() for p in (model, lora) if p is not None]
         inputs = {"tasks": self.preset.eval_tasks, "limit": self.preset.eval_limit, "source": self._source_identity(),
                   **self._hash(*sorted(set(files)))}
 
-        def action() -> dict:
+        def action(resuming: bool) -> dict:
             averages = {}
             for label, (model, lora) in self._variant_files().items():
                 # The teacher runs in torch (the full-precision weights); every GGUF in llama.cpp, as deployed.
@@ -358,24 +357,24 @@ class Pipeline:
                                         limit=self.preset.eval_limit, label=label, threads=self.config.threads)
                 path = folder / f"{label}.json"
                 # A killed eval keeps the variants it finished, and run_eval resumes a partial file task by task.
-                result = finished_results(path, settings) if self.resuming else None
+                result = finished_results(path, settings) if resuming else None
                 if result is None:
                     stale = finished_results(path) is not None  # finished, but with other settings
-                    result = run_eval(settings, path, force=not self.resuming or stale, progress=say)
+                    result = run_eval(settings, path, force=not resuming or stale, progress=say)
                 values = [t[t["metric"]]["value"] for t in result["tasks"].values()]
                 averages[label] = sum(values) / len(values)
             return {"line": ", ".join(f"{k} {v:.3f}" for k, v in averages.items()), "average_accuracy": averages}
 
-        return self._step("eval", inputs, outputs, action)
+        return self._step("eval", inputs, outputs, action, resumable=True)
 
     def bench(self) -> dict:
-        from recover_lora.devices.attention import DEFAULT_ATTENTION_DEPTH, DEFAULT_ATTENTION_SHAPE, attention_rate
-        from recover_lora.devices.matvec import DEFAULT_MATVEC_SHAPE, DEFAULT_MATVEC_TYPES, matvec_rates
-        from recover_lora.devices.probe import probe, with_attention_rate, with_matvec_rates
+        from recover_lora.devices.matvec import DEFAULT_MATVEC_TYPES
+        from recover_lora.devices.probe import probe_device
         from recover_lora.devices.profiles import profile_toml
         from recover_lora.devices.roofline import AdapterFile, roofline_table
         from recover_lora.devices.shapes import load_model_shape
-        from recover_lora.runtime.bench import BenchConfig, Variant, append_records, run_bench
+        from recover_lora.runtime.bench import BenchConfig, Variant, run_bench
+        from recover_lora.runtime.records import append_records
 
         outputs = [self.path["bench"], self.path["host"], self.path["roofline"]]
         variants = {label: files for label, files in self._variant_files().items() if label != "teacher"}
@@ -386,17 +385,13 @@ class Pipeline:
         inputs = {"settings": settings, **self._hash(*files)}
 
         def action() -> dict:
-            say("[bench] probing this machine's memory bandwidth and llama.cpp's rates ...")
-            profile, stream, _ = probe(name="host", gguf_path=self.path["w4"], threads=self.config.threads,
-                                     array_mib=self.preset.probe_array_mib)
-            if self.preset.matvec_layers:
-                say("[bench] llama.cpp's matrix-vector rate per ggml type ...")
-                rates = matvec_rates(DEFAULT_MATVEC_TYPES, DEFAULT_MATVEC_SHAPE, self.preset.matvec_layers, stream.threads)
-                profile = with_matvec_rates(profile, rates, DEFAULT_MATVEC_SHAPE, self.preset.matvec_layers, stream.threads)
-            if self.preset.attention_layers:
-                say("[bench] llama.cpp's decode attention rate over the KV cache ...")
-                attention = attention_rate(DEFAULT_ATTENTION_SHAPE, self.preset.attention_layers, DEFAULT_ATTENTION_DEPTH, stream.threads)
-                profile = with_attention_rate(profile, attention, DEFAULT_ATTENTION_SHAPE, self.preset.attention_layers, stream.threads)
+            # The preset's 0 layers skip a step; the probe's shape and depths are its defaults.
+            measured = probe_device(name="host", gguf_path=self.path["w4"], threads=self.config.threads,
+                                    array_mib=self.preset.probe_array_mib,
+                                    matvec_types=DEFAULT_MATVEC_TYPES if self.preset.matvec_layers else (),
+                                    matvec_layers=self.preset.matvec_layers, attention=bool(self.preset.attention_layers),
+                                    attention_layers=self.preset.attention_layers, progress=lambda m: say(f"[bench] {m}"))
+            profile, stream = measured.profile, measured.stream
             with atomic_output(self.path["host"], force=True) as tmp:
                 tmp.write_text(profile_toml(profile))
             config = BenchConfig(depths=self.preset.bench_depths, repeats=self.preset.bench_repeats,
@@ -425,14 +420,25 @@ class Pipeline:
 
         outputs = [self.out / "report.md", self.out / "report.html"]
         sources = [self.path["heldout"], self.path["bench"], self.path["roofline"]]
-        sources += [self.path["eval"] / f"{label}.json" for label in VARIANTS]
+        sources += [self.path["eval"] / f"{label}.json" for label in self._variant_files()]
         inputs = {**self._hash(*sources, *[self.path[p] for p in self.config.policies]), "commands": commands}
 
         def action() -> dict:
-            write_report(self, commands)
+            write_report(self.out)  # from pipeline.json (saved as this step started) and the step outputs
             return {"line": f"{self.out / 'report.md'}"}
 
         return self._step("report", inputs, outputs, action)
+
+    def run_record(self, commands: list[str]) -> dict:
+        """What pipeline.json records about the run itself: with the step outputs, all the report reads."""
+        def relative(path: Path | None) -> str | None:
+            return None if path is None else str(path.relative_to(self.out))
+
+        variants = {label: {"model": relative(model), "lora": relative(lora), "eval": relative(self.path["eval"] / f"{label}.json")}
+                    for label, (model, lora) in self._variant_files().items()}
+        return {"preset": self.config.preset, "model": self.config.model or "default", "commands": commands,
+                "variants": variants, "roles": ROLES, "files": {name: relative(path) for name, path in self.path.items()},
+                **self.environment()}
 
     def environment(self) -> dict:
         from importlib.metadata import PackageNotFoundError, version
@@ -454,11 +460,13 @@ def run_pipeline(config: PipelineConfig, commands: list[str] | None = None) -> P
     """
     start = time.perf_counter()
     pipeline = Pipeline(config)
-    pipeline.manifest.meta = {"preset": config.preset, "model": config.model or "default", **pipeline.environment()}
+    pipeline.manifest.meta = pipeline.run_record(commands or [])
+    pipeline.manifest.save()  # even when every step is skipped, pipeline.json describes this run
     pipeline.synth()
     pipeline.imatrix()
     pipeline.export()
     pipeline.train()
+    pipeline.recover()
     pipeline.heldout()
     pipeline.eval()
     pipeline.bench()

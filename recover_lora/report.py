@@ -1,19 +1,26 @@
 """The pipeline's report: DIR/report.md, DIR/report.html and its plots, from the step outputs.
 
-Every number in the report is read from a file a pipeline step wrote (eval/*.json,
-heldout.json, bench.jsonl, roofline.json, the GGUFs), so rerunning the pipeline's command
-reproduces it.
+Every number in the report is read from DIR/pipeline.json (the run's preset, model, commands,
+variants and step records) and the files the steps wrote (eval/*.json, heldout.json, bench.jsonl,
+roofline.json, the GGUFs): `recover-lora report DIR` redraws it without running anything, and
+rerunning the pipeline's command reproduces it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from recover_lora.errors import RecoverLoraError
 from recover_lora.fileio import atomic_output
+from recover_lora.pipeline import MANIFEST_FILE, STEPS
 
 ACCURACY_PLOT = "accuracy.png"
 SPEED_PLOT = "tokens_per_s.png"
+PARETO_PLOT = "pareto.png"
+# Lower bytes and KL, higher accuracy and decode speed are better (recover_lora.pareto).
+PARETO_AXES = {"bytes": "min", "kl": "min", "accuracy": "max", "decode": "max"}
 
 
 def recovered_fraction(teacher: float, quantized: float, recovered: float) -> float | None:
@@ -22,7 +29,7 @@ def recovered_fraction(teacher: float, quantized: float, recovered: float) -> fl
     return None if abs(gap) < 1e-12 else (quantized - recovered) / gap
 
 
-def heldout_section(heldout: dict) -> list[str]:
+def heldout_section(heldout: dict, roles: dict[str, str]) -> list[str]:
     rows = heldout["rows"]
     lines = [
         f"Held-out text: `{Path(heldout['text']).name}` ({heldout['windows']} windows × {heldout['window']} tokens; "
@@ -33,12 +40,81 @@ def heldout_section(heldout: dict) -> list[str]:
     ]
     for label, row in rows.items():
         lines.append(f"| {label} | {row['kl_to_teacher']:.3f} | {row['top1_agreement']:.3f} | {row['perplexity']:.2f} |")
-    t, q, r = rows["teacher"], rows["gateup"], rows["gateup+adapter"]
-    kl_back = recovered_fraction(0.0, q["kl_to_teacher"], r["kl_to_teacher"])
-    ppl_back = recovered_fraction(t["perplexity"], q["perplexity"], r["perplexity"])
-    lines += ["", f"Recover-LoRA closes **{kl_back:.0%}** of the gateup model's KL to the teacher and "
-                  f"**{ppl_back:.0%}** of its perplexity gap ({q['perplexity']:.2f} → {r['perplexity']:.2f}; teacher {t['perplexity']:.2f})."]
+    t, q = rows[roles["teacher"]], rows[roles["quantized"]]
+    lines.append("")
+    for role in ("adapter", "recovered"):
+        label = roles.get(role)
+        if label not in rows:
+            continue
+        r = rows[label]
+        kl_back = recovered_fraction(0.0, q["kl_to_teacher"], r["kl_to_teacher"])
+        ppl_back = recovered_fraction(t["perplexity"], q["perplexity"], r["perplexity"])
+        lines.append(f"- {label} closes **{kl_back:.0%}** of the {roles['quantized']} model's KL to the teacher and "
+                     f"**{ppl_back:.0%}** of its perplexity gap ({q['perplexity']:.2f} → {r['perplexity']:.2f}; teacher {t['perplexity']:.2f}).")
     return lines
+
+
+def pareto_rows(variants: dict, heldout_rows: dict, comparison, speed: list[dict], out: Path) -> dict[str, dict]:
+    """Per deployable variant: bytes on disk (model + adapter), held-out KL and perplexity, average accuracy,
+    decode tok/s at the shallowest benchmarked depth. The teacher is the reference, not a candidate."""
+    averages = {label: score.value for label, score in comparison.average.scores.items()} if comparison.average else {}
+    depth = min((row["depth"] for row in speed), default=None)
+    decode = {row["label"]: row["tg_median"] for row in speed if row["depth"] == depth}
+    rows = {}
+    for label, variant in variants.items():
+        if variant["model"] is None:
+            continue
+        files = [out / variant[key] for key in ("model", "lora") if variant.get(key)]
+        rows[label] = {"bytes": sum(f.stat().st_size for f in files), "kl": heldout_rows.get(label, {}).get("kl_to_teacher"),
+                       "perplexity": heldout_rows.get(label, {}).get("perplexity"), "accuracy": averages.get(label),
+                       "decode": decode.get(label), "depth": depth}
+    return rows
+
+
+def pareto_section(rows: dict[str, dict]) -> list[str]:
+    from recover_lora.pareto import dominated_by
+
+    beaten = dominated_by(rows, PARETO_AXES)
+    depth = next(iter(rows.values()))["depth"] if rows else None
+
+    def cell(value, spec):
+        return "—" if value is None else format(value, spec)
+
+    lines = [
+        f"Each deployable variant on the four axes a user trades: bytes on disk (model + adapter), held-out KL to the "
+        f"teacher (and perplexity), average task accuracy, decode tok/s at depth {depth} on this machine. A variant is "
+        "dominated when another is at least as good on every axis and better on one.",
+        "",
+        "| variant | MiB | KL to teacher | perplexity | avg accuracy | decode tok/s | dominated by |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for label, row in rows.items():
+        lines.append(f"| {label} | {row['bytes'] / 2**20:.1f} | {cell(row['kl'], '.3f')} | {cell(row['perplexity'], '.2f')} | "
+                     f"{cell(None if row['accuracy'] is None else 100 * row['accuracy'], '.1f')} | {cell(row['decode'], '.1f')} | "
+                     f"{', '.join(beaten[label]) or '— (Pareto front)'} |")
+    front = [label for label in rows if not beaten[label]]
+    dominant = [label for label in front if all(label in beaten[other] for other in rows if other != label)]
+    lines.append("")
+    if dominant:
+        lines.append(f"**{dominant[0]}** dominates every other variant.")
+    else:
+        lines.append(f"No variant dominates all others; the Pareto front is: {', '.join(front)}.")
+    return lines
+
+
+def plot_pareto(rows: dict[str, dict], out_path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, row in rows.items():
+        if row["kl"] is None:
+            continue
+        ax.scatter(row["bytes"] / 2**20, row["kl"], s=40)
+        speed = "" if row["decode"] is None else f" ({row['decode']:.0f} tok/s)"
+        ax.annotate(label + speed, (row["bytes"] / 2**20, row["kl"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("MiB on disk (model + adapter)")
+    ax.set_ylabel("held-out KL to the teacher")
+    ax.grid(alpha=0.3)
+    _save(fig, out_path)
 
 
 def files_section(export_summary: dict) -> list[str]:
@@ -49,8 +125,8 @@ def files_section(export_summary: dict) -> list[str]:
     return lines
 
 
-def speed_rows(records: list[dict], roofline: dict) -> list[dict]:
-    """One row per (variant, depth): measured decode/prefill tokens/s, ratio to w4, roofline prediction."""
+def speed_rows(records: list[dict], roofline: dict, baseline_label: str) -> list[dict]:
+    """One row per (variant, depth): measured decode/prefill tokens/s, ratio to the baseline, roofline prediction."""
     predictions = {
         label: {row["ctx"]: row["decode_tokens_per_s"] for row in rows} for label, rows in roofline["predictions"].items()
     }
@@ -60,7 +136,7 @@ def speed_rows(records: list[dict], roofline: dict) -> list[dict]:
         tg, pp = record["tg_tokens_per_s"], record["pp_tokens_per_s"]
         ratio = record["ratio_vs_baseline"]["tg"] if record.get("ratio_vs_baseline") else None
         predicted = predictions.get(label, {}).get(depth)
-        baseline = predictions.get("w4", {}).get(depth)
+        baseline = predictions.get(baseline_label, {}).get(depth)
         rows.append({
             "label": label, "depth": depth, "tg_median": tg["median"], "tg_min": tg["min"], "tg_max": tg["max"],
             "pp_median": pp["median"], "ratio": ratio, "predicted": predicted,
@@ -81,23 +157,24 @@ def profile_text(profile: dict) -> str:
     return text
 
 
-def speed_section(rows: list[dict], records: list[dict], roofline: dict) -> list[str]:
+def speed_section(rows: list[dict], records: list[dict], roofline: dict, baseline_label: str) -> list[str]:
     first = records[0]
     settings = first["settings"]
     lines = [
         f"Measured with `recover-lora bench` semantics: {settings['repeats']} interleaved repeats, {first['n_gen']} generated "
         f"tokens and {first['n_prompt']}-token prompts, {settings['threads']} threads, at each KV-cache depth. "
-        "Ratios are per-repeat decode ratios to w4 (median, min–max). Predicted: the roofline model (`devices/roofline.py`) "
+        f"Ratios are per-repeat decode ratios to {baseline_label} (median, min–max). Predicted: the roofline model (`devices/roofline.py`) "
         f"on this machine's profile as probed by the same run ({profile_text(roofline['profile'])}).",
         "",
-        "| variant | depth | decode tok/s (median, min–max) | prefill tok/s | decode vs w4 | roofline decode tok/s | roofline vs w4 | measured / predicted |",
+        f"| variant | depth | decode tok/s (median, min–max) | prefill tok/s | decode vs {baseline_label} | roofline decode tok/s | "
+        f"roofline vs {baseline_label} | measured / predicted |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         ratio = "—" if row["ratio"] is None else f"{row['ratio']['median']:.3f} ({row['ratio']['min']:.2f}–{row['ratio']['max']:.2f})"
         predicted = "—" if row["predicted"] is None else f"{row['predicted']:.1f}"
         fraction = "—" if row["predicted"] is None else f"{row['tg_median'] / row['predicted']:.2f}"
-        predicted_ratio = "—" if row["predicted_ratio"] is None or row["label"] == "w4" else f"{row['predicted_ratio']:.3f}"
+        predicted_ratio = "—" if row["predicted_ratio"] is None or row["label"] == baseline_label else f"{row['predicted_ratio']:.3f}"
         lines.append(
             f"| {row['label']} | {row['depth']} | {row['tg_median']:.1f} ({row['tg_min']:.1f}–{row['tg_max']:.1f}) | "
             f"{row['pp_median']:.0f} | {ratio} | {predicted} | {predicted_ratio} | {fraction} |"
@@ -159,33 +236,69 @@ def plot_speed(rows: list[dict], roofline: dict, out_path: Path) -> None:
     _save(fig, out_path)
 
 
-def write_report(pipeline, commands: list[str]) -> Path:
-    """Write report.md, report.html and the plots into the pipeline's folder."""
+def read_run(out_dir: Path) -> dict:
+    """DIR/pipeline.json of a run whose steps up to the report have finished; else a one-line error."""
+    path = out_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise RecoverLoraError(f"{out_dir} holds no {MANIFEST_FILE}; give the folder of a `recover-lora pipeline` run")
+    try:
+        run = json.loads(path.read_text())
+        meta, steps = run["meta"], run["steps"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise RecoverLoraError(f"{path} is corrupt ({e}); rerun `recover-lora pipeline --out {out_dir} --force all`") from None
+    if not all(key in meta for key in ("variants", "roles", "files", "commands")):
+        raise RecoverLoraError(f"{path} predates `recover-lora report`; rerun `recover-lora pipeline --out {out_dir}` "
+                               "(finished steps are skipped)")
+    unfinished = [step for step in STEPS if step != "report" and step not in steps]
+    if unfinished:
+        raise RecoverLoraError(f"step {unfinished[0]} of {out_dir} has not finished; run `recover-lora pipeline --out {out_dir}` "
+                               "to finish it")
+    return run
+
+
+def write_report(out_dir: str | os.PathLike) -> Path:
+    """Write report.md, report.html and the plots of a pipeline run from its pipeline.json and step outputs.
+
+    Runs nothing: `recover-lora report DIR` redraws a finished run's report with it.
+
+    Example:
+        write_report("runs/demo")  # -> runs/demo/report.md
+    """
     import markdown
 
-    from recover_lora.runtime.bench import read_records
+    from recover_lora.runtime.records import read_records
     from recover_lora.runtime.compare import compare_results, format_markdown
 
-    out = pipeline.out
-    steps = pipeline.manifest.steps
-    meta = pipeline.manifest.meta
-    comparison = compare_results([pipeline.path["eval"] / f"{label}.json" for label in ("teacher", "w4", "gateup", "gateup+adapter")])
-    records = read_records(pipeline.path["bench"])
-    roofline = json.loads(pipeline.path["roofline"].read_text())
-    rows = speed_rows(records, roofline)
+    out = Path(out_dir)
+    run = read_run(out)
+    meta, steps = run["meta"], run["steps"]
+    files, variants, roles = meta["files"], meta["variants"], meta["roles"]
+    compare_roles = {role: roles[role] for role in ("teacher", "quantized", "recovered")}
+    comparison = compare_results([out / variant["eval"] for variant in variants.values()], roles=compare_roles)
+    records = read_records(out / files["bench"])
+    roofline = json.loads((out / files["roofline"]).read_text())
+    rows = speed_rows(records, roofline, roles["baseline"])
     plot_accuracy(comparison, out / ACCURACY_PLOT)
     plot_speed(rows, roofline, out / SPEED_PLOT)
+    heldout = json.loads((out / files["heldout"]).read_text())
+    pareto = pareto_rows(variants, heldout["rows"], comparison, rows, out)
+    plot_pareto(pareto, out / PARETO_PLOT)
     device = records[0]["device"]
-    eval_any = json.loads((pipeline.path["eval"] / "gateup.json").read_text())
+    eval_any = json.loads((out / variants[roles["quantized"]]["eval"]).read_text())
     limit = eval_any["settings"].get("limit")
-    total_seconds = sum(record.seconds for record in steps.values())
+    # The steps before the report: its own record (there on a redraw) would change the report it is about.
+    timed = {name: record for name, record in steps.items() if name != "report"}
+    total_seconds = sum(record["seconds"] for record in timed.values())
+    step_times = ", ".join(f"{name} {record['seconds']:.0f} s" for name, record in timed.items())
+    export_summary, train_summary = steps["export"]["summary"], steps["train"]["summary"]
+    adapter = out / variants[roles["adapter"]]["lora"]
+    recover_summary = steps.get("recover", {}).get("summary", {})
     lines = [
         f"# Recover-LoRA report: {meta.get('model', 'default')} ({meta.get('preset')})",
         "",
         f"Machine: {device.get('cpu_model')}, {device.get('cpu_cores_logical')} logical cores, "
         f"{(device.get('ram_bytes') or 0) / 2**30:.0f} GiB RAM, {device.get('os')} {device.get('os_release', '')}, "
-        f"llama.cpp back end {device.get('backend')}. Steps took {total_seconds / 60:.1f} min in all "
-        f"({', '.join(f'{k} {v.seconds:.0f} s' for k, v in steps.items())}).",
+        f"llama.cpp back end {device.get('backend')}. Steps took {total_seconds / 60:.1f} min in all ({step_times}).",
         "",
         "The teacher is the full-precision model (for the default model: SmolLM2-135M-Instruct's Q4_1 weights dequantized "
         "to float32, run in torch); every other variant runs in llama.cpp from its GGUF, the adapter as a llama.cpp LoRA GGUF.",
@@ -193,8 +306,9 @@ def write_report(pipeline, commands: list[str]) -> Path:
         "## Accuracy",
         "",
         f"lm-evaluation-harness tasks, {limit if limit else 'all'} documents per task (the same documents for every "
-        "variant); 95 % bootstrap CIs. Recovery = (gateup+adapter − gateup) / (teacher − gateup), marked "
-        "*not significant* where the teacher–gateup gap is inside the noise.",
+        f"variant); 95 % bootstrap CIs. Recovery = ({roles['recovered']} − {roles['quantized']}) / "
+        f"({roles['teacher']} − {roles['quantized']}), marked "
+        f"*not significant* where the {roles['teacher']}–{roles['quantized']} gap is inside the noise.",
         "",
         format_markdown(comparison),
         "",
@@ -202,25 +316,35 @@ def write_report(pipeline, commands: list[str]) -> Path:
         "",
         "## Closeness to the teacher on held-out text",
         "",
-        *heldout_section(json.loads(pipeline.path["heldout"].read_text())),
+        *heldout_section(heldout, roles),
         "",
         "## Speed on this machine",
         "",
-        *speed_section(rows, records, roofline),
+        *speed_section(rows, records, roofline, roles["baseline"]),
         "",
         f"![tokens/s vs context]({SPEED_PLOT})",
         "",
+        "## Which variant to deploy",
+        "",
+        *pareto_section(pareto),
+        "",
+        f"![bytes vs KL]({PARETO_PLOT})",
+        "",
         "## Files",
         "",
-        *files_section(steps["export"].summary),
+        *files_section(export_summary),
         "",
-        f"Adapter: `train/adapter.gguf`, {(out / 'train' / 'adapter.gguf').stat().st_size / 2**20:.2f} MiB, "
-        f"LoRA on {len(steps['train'].summary.get('targets', []))} tensors, {steps['train'].summary.get('steps')} training steps.",
+        f"Adapter: `{adapter.relative_to(out)}`, {adapter.stat().st_size / 2**20:.2f} MiB, "
+        f"LoRA on {len(train_summary.get('targets', []))} tensors, {train_summary.get('steps')} training steps.",
+        "",
+        f"Recovered (one file, `{files.get('recovered')}`): {len(recover_summary.get('block_scale_tensors', []))} Q2_K tensors "
+        f"with distilled block scales and {len(recover_summary.get('lora_tensors', []))} 4-bit tensors re-quantized with a "
+        f"LoRA merged in, after {recover_summary.get('steps')} training steps; the same tensor types and bytes as gateup.gguf.",
         "",
         "## How this was made",
         "",
         "```sh",
-        *commands,
+        *meta["commands"],
         "```",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()) + f"; Python {meta.get('python')}.",

@@ -5,6 +5,7 @@ Only typer is imported here; torch, peft and llama_cpp load inside the commands.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -12,6 +13,18 @@ from typing import Optional
 import typer
 
 from recover_lora.errors import RecoverLoraError
+from recover_lora.presets import PRESETS
+from recover_lora.recovery.train_config import TrainConfig
+
+# The train command's defaults are TrainConfig's: its options default to None (a preset or the
+# dataclass fills them in), and their help shows the dataclass default, declared there only.
+TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def train_help(name: str, text: str) -> str:
+    """`text` plus TrainConfig's default of the field `name` (nothing when that default is None)."""
+    default = TRAIN_DEFAULTS[name]
+    return text if default is None else f"{text} [default: {default}]"
 
 
 def register(app: typer.Typer) -> None:
@@ -22,11 +35,14 @@ def register(app: typer.Typer) -> None:
             raise
     else:
         synth_cli.register(app)
-    app.command("train")(train_command)
+    presets = "; ".join(f"{p.name} expects `recover-lora synth --n-samples {p.synth_samples} --seq-len {p.synth_seq_len}`"
+                        for p in PRESETS.values())
+    app.command("train", help=f"{train_command.__doc__}\n\nPresets: {presets}.")(train_command)
     app.command("export-adapter")(export_adapter_command)
     app.command("check-adapter")(check_adapter_command)
     app.command("heldout")(heldout_command)
     app.command("imatrix")(imatrix_command)
+    app.command("merge")(merge_command)
 
 
 def train_command(
@@ -35,44 +51,42 @@ def train_command(
     samples: Optional[Path] = typer.Option(None, "--samples", help="Synthetic set from `recover-lora synth`"),
     data: Optional[Path] = typer.Option(None, "--data", help="Labeled JSONL instead: {text} | {prompt,response} | {question,answer}"),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Full-precision model (HF folder or GGUF); default: SmolLM2-135M-Instruct"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="cpu-demo | paper: defaults for the options below"),
-    targets: Optional[str] = typer.Option(None, "--targets", help="low-bit (default: the linears below 3.5 bits/weight, i.e. gate/up of a gateup export) | all | e.g. ffn_gate,ffn_up"),
-    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r (default 16)"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (default 2 r)"),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="LoRA dropout (default 0)"),
-    init: Optional[str] = typer.Option(None, "--init", help="LoRA init: zero (default; step 0 = the quantized model) | svd | eora (rank-r SVD of W_teacher - W_student, eora weighted by the inputs' covariance)"),
-    init_samples: Optional[int] = typer.Option(None, "--init-samples", help="eora: training samples for its activation statistics (default 64)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-3)"),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup steps before the cosine decay"),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (default 1)"),
+    preset: Optional[str] = typer.Option(None, "--preset", help=f"{' | '.join(PRESETS)}: defaults for the options below"),
+    targets: Optional[str] = typer.Option(None, "--targets", help=train_help("targets", "low-bit: the linears below 3.5 bits/weight, i.e. gate/up of a gateup export | high-bit: the other quantized linears | all | e.g. ffn_gate,ffn_up | none (with --block-scales)")),
+    block_scales: Optional[bool] = typer.Option(None, "--block-scales/--no-block-scales", help=train_help("block_scales", "Also train the Q2_K block scales and mins of the low-bit linears (DWQ on llama.cpp's blocks; `recover-lora merge` writes them into one GGUF)")),
+    block_scales_lr: Optional[float] = typer.Option(None, "--block-scales-lr", help=train_help("block_scales_lr", "Learning rate of the block scales (the 4-bit sub-block codes take 20x)")),
+    rank: Optional[int] = typer.Option(None, "--rank", help=train_help("rank", "LoRA rank r")),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha [default: 2 r]"),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help=train_help("dropout", "LoRA dropout")),
+    init: Optional[str] = typer.Option(None, "--init", help=train_help("init", "LoRA init: zero (step 0 = the quantized model) | svd | eora (rank-r SVD of W_teacher - W_student, eora weighted by the inputs' covariance)")),
+    init_samples: Optional[int] = typer.Option(None, "--init-samples", help=train_help("init_samples", "eora: training samples for its activation statistics")),
+    lr: Optional[float] = typer.Option(None, "--lr", help=train_help("lr", "Peak learning rate")),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help=train_help("warmup_steps", "Linear warmup steps before the cosine decay")),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help=train_help("epochs", "Passes over the data")),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (overrides --epochs); 0 writes the initial adapter (see --init)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per step (default 8)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=train_help("batch_size", "Samples per step")),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Cut samples to this many tokens (labeled data: default 256)"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use only the first N samples"),
-    loss: Optional[str] = typer.Option(None, "--loss", help="forward (KL(teacher||student), default) | reverse | mix"),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Distillation temperature (default 1)"),
-    ce_weight: Optional[float] = typer.Option(None, "--ce-weight", help="Weight of cross-entropy on the data's tokens (default 0)"),
-    kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help="Weight of the KL term (default 1)"),
+    loss: Optional[str] = typer.Option(None, "--loss", help=train_help("loss", "forward: KL(teacher||student) | reverse | mix")),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help=train_help("temperature", "Distillation temperature")),
+    ce_weight: Optional[float] = typer.Option(None, "--ce-weight", help=train_help("ce_weight", "Weight of cross-entropy on the data's tokens")),
+    kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help=train_help("kl_weight", "Weight of the KL term")),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Cache the teacher's top-k log-probs once instead of running it each step"),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max gradient norm (default 1)"),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default 50)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of LoRA init, data order and dropout (default 0)"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA > MPS > CPU) | cuda | mps | cpu"),
-    adapter_dtype: Optional[str] = typer.Option(None, "--adapter-dtype", help="f16 (default) | f32 | q8_0 for adapter.gguf"),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help=train_help("grad_clip", "Max gradient norm")),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help=train_help("checkpoint_every", "Steps between checkpoints")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=train_help("seed", "Seed of LoRA init, data order and dropout")),
+    device: Optional[str] = typer.Option(None, "--device", help=train_help("device", "auto (CUDA > MPS > CPU) | cuda | mps | cpu")),
+    adapter_dtype: Optional[str] = typer.Option(None, "--adapter-dtype", help=train_help("adapter_dtype", "f16 | f32 | q8_0 for adapter.gguf")),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint (bit-identical)"),
     force: bool = typer.Option(False, "--force", help="Discard the run in --out and start over"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar"),
 ) -> None:
-    """Train a Recover-LoRA adapter: LoRA on the quantized GGUF's linears, distilled towards the teacher.
-
-    The cpu-demo preset expects `recover-lora synth --n-samples 512 --seq-len 128`; the paper preset
-    `--n-samples 10000 --seq-len 256`.
-    """
+    """Train a Recover-LoRA adapter: LoRA on the quantized GGUF's linears, distilled towards the teacher."""
     if resume and force:
         raise RecoverLoraError("--resume and --force contradict each other; pass one of them")
     given = {
-        "targets": targets, "rank": rank, "alpha": alpha, "dropout": dropout, "lr": lr, "warmup_steps": warmup_steps,
+        "targets": targets, "block_scales": block_scales, "block_scales_lr": block_scales_lr, "rank": rank, "alpha": alpha, "dropout": dropout, "lr": lr, "warmup_steps": warmup_steps,
         "init": init, "init_samples": init_samples,
         "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "seq_len": seq_len,
         "max_samples": max_samples, "loss": loss, "temperature": temperature, "ce_weight": ce_weight,
@@ -81,12 +95,12 @@ def train_command(
     }
     settings = {}
     if preset is not None:
-        from recover_lora.recovery.presets import get_preset
+        from recover_lora.presets import get_preset
 
         settings.update(get_preset(preset).train)
     settings.update({k: v for k, v in given.items() if v is not None})
 
-    from recover_lora.recovery.distill import TrainConfig, train
+    from recover_lora.recovery.distill import train
 
     config = TrainConfig(base=base, output=out, samples=samples, data=data, teacher=teacher, resume=resume,
                          force=force, progress=progress, **settings)
@@ -98,9 +112,12 @@ def train_command(
     final = result.metrics
     done = (f"last loss {final['loss']:.4f}" if "loss" in final
             else f"no training step: the {config.init}-initialised adapter")
+    wrote = [f"adapter: {result.adapter_dir} and {result.adapter_gguf}"] if result.adapter_gguf else []
+    if config.block_scales:
+        wrote.append(f"block scales: {result.run_dir / 'block_scales.safetensors'} (`recover-lora merge` writes the GGUF)")
     typer.echo(
-        f"trained {result.steps} steps (resumed from {result.resumed_from}) on {len(result.target_tensors)} modules; "
-        f"{done}; adapter: {result.adapter_dir} and {result.adapter_gguf}"
+        f"trained {result.steps} steps (resumed from {result.resumed_from}) on {len(result.target_tensors)} LoRA modules; "
+        f"{done}; {'; '.join(wrote)}"
     )
 
 
@@ -188,3 +205,21 @@ def imatrix_command(
                              max_tokens=max_tokens, batch_size=batch_size, pad=pad, device=str(pick_device(device)), force=force)
     tokens = max(matrix.counts.values())
     typer.echo(f"wrote {out}: {len(matrix.sums)} tensors, {tokens} tokens from {matrix.chunk_count} sequences of {matrix.chunk_size}")
+
+
+def merge_command(
+    run: Path = typer.Argument(..., help="A `recover-lora train` run folder (adapter/ and/or block_scales.safetensors)"),
+    base: Path = typer.Option(..., "--base", help="The quantized GGUF the run trained on"),
+    out: Path = typer.Option(..., "--out", "-o", help="The one-file GGUF to write"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Full-precision model the LoRA is merged into (default: the run's --teacher)"),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="The importance matrix the base was exported with (used to re-quantize merged tensors)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Quantizer threads"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output"),
+) -> None:
+    """Fold a training run into one GGUF with the base's exact tensor types: no adapter at run time."""
+    from recover_lora.recovery.merge import merge_run
+
+    result = merge_run(base, run, out, teacher=teacher, imatrix=imatrix, threads=threads, force=force)
+    typer.echo(f"wrote {result.path} ({result.file_bytes / 2**20:.1f} MiB, the base's types): "
+               f"{len(result.lora_tensors)} tensors re-quantized with the LoRA merged in, "
+               f"{len(result.block_scale_tensors)} with trained Q2_K block scales")

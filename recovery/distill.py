@@ -10,7 +10,6 @@ bit-identically; a NaN/inf loss stops the run and keeps the last good checkpoint
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import shutil
@@ -24,6 +23,7 @@ import torch
 
 from recover_lora.errors import RecoverLoraError
 from recover_lora.recovery import checkpoint as ckpt
+from recover_lora.recovery.block_scales import BLOCK_SCALES_FILE
 from recover_lora.recovery.losses import (
     LossConfig,
     cross_entropy_loss,
@@ -31,100 +31,13 @@ from recover_lora.recovery.losses import (
     next_token_rows,
     topk_kl_loss,
 )
+# TrainConfig lives in train_config.py (torch-free, so the CLI can show its defaults); callers may import it from here.
+from recover_lora.recovery.train_config import TrainConfig
 
 ADAPTER_DIR = "adapter"
 ADAPTER_GGUF = "adapter.gguf"
 LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "summary.json"
-DEVICES = ("auto", "cpu", "cuda", "mps")
-# Fields that do not change the trained weights; everything else must match to --resume.
-_NOT_TRAJECTORY = ("output", "resume", "force", "progress", "checkpoint_every", "adapter_dtype", "device")
-
-
-@dataclass
-class TrainConfig:
-    """Everything `train` needs; checks itself before any model is loaded.
-
-    Exactly one of `samples` (a `recover-lora synth` folder) and `data` (a labeled JSONL) is given.
-    """
-
-    base: Path  # the quantized GGUF = the student
-    output: Path  # run folder: checkpoint, log, adapter/, adapter.gguf, summary.json
-    samples: Path | None = None
-    data: Path | None = None
-    teacher: str | None = None  # HF folder / GGUF of the full-precision model; None = default model
-    targets: str = "low-bit"  # see student.target_tensor_names
-    rank: int = 16
-    alpha: float | None = None  # None = 2 * rank
-    dropout: float = 0.0
-    init: str = "zero"  # zero (step 0 = the quantized model) | svd | eora: see lora_init.py
-    init_samples: int = 64  # eora: training samples its activation statistics come from
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 8
-    seq_len: int | None = None  # cut samples to this length (labeled data: pad/cut, default 256)
-    max_samples: int | None = None
-    loss: str = "forward"  # forward | reverse | mix
-    temperature: float = 1.0
-    mix_weight: float = 0.5
-    kl_weight: float = 1.0
-    ce_weight: float = 0.0
-    top_k: int | None = None  # cache the teacher's top-k log-probs once instead of running it every step
-    grad_clip: float = 1.0
-    checkpoint_every: int = 50
-    seed: int = 0
-    device: str = "auto"
-    adapter_dtype: str = "f16"
-    resume: bool = False
-    force: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.base, self.output = Path(self.base), Path(self.output)
-        if (self.samples is None) == (self.data is None):
-            raise RecoverLoraError("give exactly one training set: --samples DIR (synthetic) or --data FILE.jsonl (labeled)")
-        if self.alpha is None:
-            self.alpha = 2.0 * self.rank
-        positive = {"rank": self.rank, "lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size,
-                    "checkpoint_every": self.checkpoint_every, "alpha": self.alpha}
-        for name, value in positive.items():
-            if not value > 0:
-                raise RecoverLoraError(f"--{name.replace('_', '-')}={value} must be > 0")
-        for name in ("max_steps", "seq_len", "max_samples", "top_k"):
-            value = getattr(self, name)
-            # --max-steps 0 writes the initial adapter: with --init svd|eora, the correction without training.
-            if value is not None and (value < 0 if name == "max_steps" else value <= 0):
-                raise RecoverLoraError(f"--{name.replace('_', '-')}={value} must be {'>= 0' if name == 'max_steps' else '> 0'}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise RecoverLoraError(f"--dropout={self.dropout} must be in [0, 1)")
-        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.grad_clip <= 0:
-            raise RecoverLoraError(
-                f"--warmup-steps={self.warmup_steps} must be >= 0, min_lr_ratio={self.min_lr_ratio} in [0, 1], "
-                f"--grad-clip={self.grad_clip} > 0"
-            )
-        from recover_lora.recovery.lora_init import INIT_METHODS
-
-        if self.init not in INIT_METHODS or self.init_samples <= 0:
-            raise RecoverLoraError(f"--init {self.init!r} must be one of {', '.join(INIT_METHODS)} and --init-samples={self.init_samples} > 0")
-        if self.device not in DEVICES:
-            raise RecoverLoraError(f"--device {self.device!r} is unknown; use one of: {', '.join(DEVICES)}")
-        self.loss_config()  # validates loss kind, temperature, weights
-        from recover_lora.recovery.adapter_gguf import ADAPTER_DTYPES
-
-        if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise RecoverLoraError(f"--adapter-dtype {self.adapter_dtype!r} is unknown; use one of: {', '.join(ADAPTER_DTYPES)}")
-
-    def loss_config(self) -> LossConfig:
-        return LossConfig(self.loss, self.temperature, self.mix_weight, self.ce_weight, self.kl_weight)
-
-    def trajectory(self) -> dict:
-        """The settings the trained weights depend on (compared on --resume)."""
-        values = dataclasses.asdict(self)
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if k not in _NOT_TRAJECTORY}
 
 
 @dataclass
@@ -138,8 +51,8 @@ class TrainHooks:
 @dataclass
 class TrainResult:
     run_dir: Path
-    adapter_dir: Path
-    adapter_gguf: Path
+    adapter_dir: Path | None  # None when the run trained block scales only (--targets none)
+    adapter_gguf: Path | None
     steps: int
     resumed_from: int
     metrics: dict = field(default_factory=dict)  # last step's loss, kl, ce, lr, tokens_per_s
@@ -275,7 +188,7 @@ def _prepare_run_dir(config: TrainConfig) -> None:
     if existing and not config.force:
         raise RecoverLoraError(f"{run_dir} already holds a run; pass --resume to continue it or --force to start over")
     if existing:
-        for name in (ckpt.CHECKPOINT_FILE, LOG_FILE, SUMMARY_FILE, ADAPTER_GGUF, "teacher_topk.safetensors"):
+        for name in (ckpt.CHECKPOINT_FILE, LOG_FILE, SUMMARY_FILE, ADAPTER_GGUF, "teacher_topk.safetensors", BLOCK_SCALES_FILE):
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -308,7 +221,15 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     from tqdm.auto import tqdm
 
     from recover_lora.recovery.adapter_gguf import write_adapter_gguf
-    from recover_lora.recovery.student import build_student, build_teacher, check_teacher_matches, target_module_names
+    from recover_lora.export.model import hf_module_name
+    from recover_lora.recovery.block_scales import block_scale_parameter_groups, replace_with_block_scales, save_block_scales
+    from recover_lora.recovery.student import (
+        build_student,
+        build_teacher,
+        check_teacher_matches,
+        target_module_names,
+        target_tensor_names,
+    )
     from recover_lora.recovery.teacher_cache import load_or_build_topk
 
     hooks = hooks or TrainHooks()
@@ -320,7 +241,12 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
     samples = load_training_samples(config)
     student, info = build_student(config.base)
-    modules = target_module_names(info, config.targets)  # fails before the teacher is loaded
+    modules = [] if config.targets == "none" else target_module_names(info, config.targets)  # fails before the teacher is loaded
+    block_tensors = target_tensor_names(info, "low-bit") if config.block_scales else []
+    both = sorted(set(modules) & {hf_module_name(n, info.config) for n in block_tensors})
+    if both:
+        raise RecoverLoraError(f"--block-scales already trains {both[0]}; give --targets the other linears "
+                               f"(e.g. attn_q,attn_k,attn_v,attn_output,ffn_down) or none")
     teacher = None
     if loss_config.kl_weight > 0:
         teacher, teacher_config = build_teacher(config.teacher)
@@ -332,21 +258,31 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     trajectory = config.trajectory() | {"samples_fingerprint": samples_fingerprint(samples)}
 
     factors = {}
-    if config.init != "zero" and not config.resume:  # a resumed run takes its LoRA weights from the checkpoint
+    if modules and config.init != "zero" and not config.resume:  # a resumed run takes its LoRA weights from the checkpoint
         from recover_lora.recovery.lora_init import compute_lora_init
 
         factors = compute_lora_init(config.init, student, modules, config.teacher, config.rank,
                                     samples.input_ids[: config.init_samples], samples.loss_mask[: config.init_samples],
                                     batch_size=config.batch_size, device=device)
+    replaced = replace_with_block_scales(student, info, block_tensors) if block_tensors else {}
     torch.manual_seed(config.seed)  # LoRA A's initialisation
     student.config._name_or_path = str(config.base)
-    model = wrap_with_lora(student, config, modules).to(device)
+    if modules:
+        model = wrap_with_lora(student, config, modules)
+    else:
+        model = student.requires_grad_(False)
+    model = model.to(device)
     if factors:
         from recover_lora.recovery.lora_init import apply_lora_init
 
         apply_lora_init(model, factors)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    for q2k in replaced.values():  # peft froze every non-LoRA parameter
+        q2k.requires_grad_(True)
+    lora_parameters = [p for n, p in model.named_parameters() if p.requires_grad and ".q2k." not in n]
+    groups = ([{"params": lora_parameters, "lr": config.lr}] if lora_parameters else [])
+    groups += block_scale_parameter_groups(replaced, config.block_scales_lr) if replaced else []
+    trainable = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = len(samples) // config.batch_size
     total_steps = config.max_steps if config.max_steps is not None else max(1, math.ceil(config.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -416,8 +352,12 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         bar.close()
         log.close()
 
-    adapter_dir = save_adapter(model, run_dir)
-    write_adapter_gguf(adapter_dir, config.base, run_dir / ADAPTER_GGUF, dtype=config.adapter_dtype, force=True)
+    adapter_dir = adapter_gguf = None
+    if modules:
+        adapter_dir, adapter_gguf = save_adapter(model, run_dir), run_dir / ADAPTER_GGUF
+        write_adapter_gguf(adapter_dir, config.base, adapter_gguf, dtype=config.adapter_dtype, force=True)
+    if replaced:
+        save_block_scales(replaced, run_dir / BLOCK_SCALES_FILE, config.base)
     summary = {
         "steps": total_steps,
         "resumed_from": start_step,
@@ -426,14 +366,15 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         "samples": len(samples),
         "final": metrics,
         "target_modules": modules,
-        "adapter_dir": str(adapter_dir),
-        "adapter_gguf": str(run_dir / ADAPTER_GGUF),
+        "block_scale_tensors": block_tensors,
+        "adapter_dir": None if adapter_dir is None else str(adapter_dir),
+        "adapter_gguf": None if adapter_gguf is None else str(adapter_gguf),
     }
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return TrainResult(
         run_dir=run_dir,
         adapter_dir=adapter_dir,
-        adapter_gguf=run_dir / ADAPTER_GGUF,
+        adapter_gguf=adapter_gguf,
         steps=total_steps,
         resumed_from=start_step,
         metrics=metrics,

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from recover_lora.errors import RecoverLoraError
 
 DEFAULT_HELDOUT_TEXT = Path(__file__).parent / "data" / "heldout_gsm8k_test150.jsonl"
+# The `model` of each report row, in this order (the adapter row only with an adapter).
+TEACHER_ROW, STUDENT_ROW, ADAPTER_ROW = "teacher", "student", "student + adapter"
 
 
 @dataclass
@@ -57,7 +59,7 @@ def measure_heldout(teacher, student, windows: torch.Tensor, batch_size: int = 4
     `student` is a peft model when `with_adapter`; its adapter is switched off for the base row.
     Every position but each window's last predicts the next token of the window.
     """
-    names = ["teacher", "student"] + (["student + adapter"] if with_adapter else [])
+    names = [TEACHER_ROW, STUDENT_ROW] + ([ADAPTER_ROW] if with_adapter else [])
     sums = {name: _Sums() for name in names}
     with torch.no_grad():
         for start in range(0, windows.shape[0], batch_size):

@@ -93,7 +93,7 @@ def compute_imatrix(
         dataset = str(samples)
     else:
         from recover_lora.export.sources import default_model_path
-        from recover_lora.recovery.synth_cli import load_hf_tokenizer
+        from recover_lora.recovery.teacher_source import load_hf_tokenizer
         from recover_lora.recovery.text_data import text_windows
 
         tokenizer = load_hf_tokenizer(Path(source) if source is not None else default_model_path())

@@ -21,7 +21,8 @@ from recover_lora.export.policy import BLOCK_LINEARS, is_block_linear
 # 3-bit type (Q2_K 2.625, IQ2_XS 2.3125, IQ3_XXS 3.0625, Q3_K 3.4375), never a 4-bit one (IQ4_XS 4.25,
 # Q4_K 4.5), i.e. the gate/up tensors of a `gateup` export whatever its --low-bit-type.
 LOW_BIT_MAX_BITS_PER_WEIGHT = 3.5
-TARGET_CHOICES = "'low-bit' (the 2-bit linears), 'all' (every quantized linear), or llama.cpp linear names like 'ffn_gate,ffn_up'"
+TARGET_CHOICES = ("'low-bit' (the 2-bit linears), 'high-bit' (the quantized linears that are not), 'all' (every quantized linear), "
+                  "or llama.cpp linear names like 'ffn_gate,ffn_up'")
 
 
 def bits_per_weight(ggml_type: gguf.GGMLQuantizationType) -> float:
@@ -119,6 +120,7 @@ def target_tensor_names(info: StudentInfo, targets: str = "low-bit") -> list[str
     """GGUF names of the linears that get LoRA.
 
     targets: "low-bit" (block linears below 3.5 bits/weight: the 1-3-bit gate/up of a gateup export),
+    "high-bit" (the other quantized block linears: attention and ffn_down of a gateup export),
     "all" (every quantized block linear), or a comma list of llama.cpp linear kinds
     ("ffn_gate,ffn_up", "attn_q", ...).
     """
@@ -131,6 +133,13 @@ def target_tensor_names(info: StudentInfo, targets: str = "low-bit") -> list[str
                 f"{info.gguf_path.name} has no linear below {LOW_BIT_MAX_BITS_PER_WEIGHT:g} bits/weight "
                 f"(types found: {', '.join(found)}); use --targets all or name the linears, e.g. --targets ffn_gate,ffn_up"
             )
+        return chosen
+    if targets == "high-bit":  # the 4-bit linears that can carry a correction for the 2-bit ones (`merge`)
+        chosen = [n for n in linears if is_quantized(info.tensor_types[n])
+                  and bits_per_weight(info.tensor_types[n]) >= LOW_BIT_MAX_BITS_PER_WEIGHT]
+        if not chosen:
+            raise RecoverLoraError(f"{info.gguf_path.name} has no quantized linear at {LOW_BIT_MAX_BITS_PER_WEIGHT:g} bits/weight "
+                                   f"or more; use --targets low-bit, all, or name the linears")
         return chosen
     if targets == "all":
         chosen = [n for n in linears if is_quantized(info.tensor_types[n])]

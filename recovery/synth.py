@@ -19,7 +19,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,58 +31,13 @@ from tqdm.auto import tqdm
 from recover_lora.errors import RecoverLoraError
 from recover_lora.fileio import atomic_output, sha256_file
 from recover_lora.recovery import samples as fmt
+from recover_lora.recovery.synth_config import SynthConfig
 from recover_lora.recovery.synth_tokenizer import TokenizerInfo
 
-FIRST_TOKEN_MODES = ("random", "chat")
-# "mask" (default): end a sample at the teacher's first EOS and mask what follows. The samples stay
-# exactly what the teacher would write and the student still learns where the teacher stops; the
-# cost is small: on SmolLM2-135M-Instruct, 17 % of random-start 128-token samples end early and
-# 91 % of positions are still trained (64 samples, seed 0). "suppress": forbid EOS while sampling,
-# so every position is trained, but the text after a would-be stop is off the teacher's own path.
-EOS_POLICIES = ("mask", "suppress")
 DUPLICATE_WINDOW_TOKENS = 32
 TOP_P_CANDIDATES = 1024  # tokens looked at before falling back to a full sort (see _sample_top_p)
 PARTIAL_DIR = ".partial"
 RUN_FILE = "run.json"
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    """Settings of one synthetic set (all of them go into the manifest and must match on resume)."""
-
-    n_samples: int = 10000
-    seq_len: int = 256
-    seed: int = 0
-    batch_size: int = 32  # also the shard size: one shard per batch
-    first_token: str = "random"  # "random" (LLM-QAT) or "chat" (a chat-template prompt)
-    greedy_tokens: int = 3  # tokens after the start taken as the teacher's argmax
-    temperature: float = 1.0
-    top_p: float = 0.95
-    eos: str = "mask"  # see EOS_POLICIES
-
-    def __post_init__(self) -> None:
-        for key in ("n_samples", "seq_len", "batch_size"):
-            if getattr(self, key) <= 0:
-                raise RecoverLoraError(f"{key}={getattr(self, key)} must be a positive integer")
-        if self.seq_len < 2:
-            raise RecoverLoraError(f"seq_len={self.seq_len} must be at least 2 (a start token and one generated)")
-        if self.first_token not in FIRST_TOKEN_MODES:
-            raise RecoverLoraError(f"first token mode {self.first_token!r} is unknown; use one of {', '.join(FIRST_TOKEN_MODES)}")
-        if self.eos not in EOS_POLICIES:
-            raise RecoverLoraError(f"eos policy {self.eos!r} is unknown; use one of {', '.join(EOS_POLICIES)}")
-        if self.greedy_tokens < 0:
-            raise RecoverLoraError(f"greedy_tokens={self.greedy_tokens} must be 0 or more")
-        if not self.temperature > 0:
-            raise RecoverLoraError(f"temperature={self.temperature} must be > 0 (use greedy_tokens for greedy decoding)")
-        if not 0 < self.top_p <= 1:
-            raise RecoverLoraError(f"top_p={self.top_p} must be in (0, 1]")
-
-    @property
-    def n_shards(self) -> int:
-        return -(-self.n_samples // self.batch_size)
-
-    def shard_rows(self, shard: int) -> int:
-        return min(self.batch_size, self.n_samples - shard * self.batch_size)
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -270,27 +225,20 @@ def generate_synthetic(
     out_dir: str | Path,
     tokenizer: TokenizerInfo,
     *,
-    n_samples: int = 10000,
-    seq_len: int = 256,
-    seed: int = 0,
-    batch_size: int = 32,
-    first_token: str = "random",
-    greedy_tokens: int = 3,
-    temperature: float = 1.0,
-    top_p: float = 0.95,
-    eos: str = "mask",
     teacher_id: dict | None = None,
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
     preview_samples: int = 50,
     on_shard_written: Callable[[int], None] | None = None,
+    **settings,
 ) -> dict:
     """Let ``teacher`` write ``n_samples`` × ``seq_len`` tokens into ``out_dir``; return the manifest.
 
     Args:
         teacher: a transformers causal LM in torch, already on its device and dtype.
         tokenizer: `TokenizerInfo` (EOS, excluded ids, chat prompts, decoder for the preview).
+        settings: `SynthConfig` fields (n_samples, seq_len, seed, batch_size, ...); the rest keep its defaults.
         teacher_id: e.g. ``{"name": "SmolLM2-135M-Instruct", "sha256": <file hash>}``; default: a
             hash of the state dict.
         resume / force: continue an interrupted run in ``out_dir`` / throw away what is there.
@@ -299,7 +247,7 @@ def generate_synthetic(
     Example:
         manifest = generate_synthetic(model, "runs/synth", TokenizerInfo.from_hf(tok, "smollm2"), n_samples=64)
     """
-    config = SynthConfig(n_samples, seq_len, seed, batch_size, first_token, greedy_tokens, temperature, top_p, eos)
+    config = SynthConfig.from_settings(settings)
     check_tokenizer(config, tokenizer)
     teacher_vocab = teacher.config.vocab_size
     if tokenizer.vocab_size > teacher_vocab:
@@ -330,11 +278,11 @@ def generate_synthetic(
 
     teacher.eval()
     todo = [k for k in range(config.n_shards) if not _shard_path(out_dir, k).exists()]
-    done_rows = n_samples - sum(config.shard_rows(k) for k in todo)
-    with tqdm(total=n_samples, initial=done_rows, unit="sample", desc="synth", disable=not progress, dynamic_ncols=True) as bar:
+    done_rows = config.n_samples - sum(config.shard_rows(k) for k in todo)
+    with tqdm(total=config.n_samples, initial=done_rows, unit="sample", desc="synth", disable=not progress, dynamic_ncols=True) as bar:
         for shard in todo:
             began = time.perf_counter()
-            generator = torch.Generator(device=parameter.device).manual_seed(shard_seed(seed, shard))
+            generator = torch.Generator(device=parameter.device).manual_seed(shard_seed(config.seed, shard))
             starts = _shard_starts(config, tokenizer, config.shard_rows(shard), generator)
             input_ids, loss_mask = sample_batch(teacher, starts, config, tokenizer, generator)
             seconds = time.perf_counter() - began
@@ -402,3 +350,32 @@ def _finish(
     fmt.write_manifest(out_dir, manifest, overwrite=True)
     shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
     return manifest
+
+
+def synthesize(model: str | None, out: Path, device_name: str, resume: bool, force: bool, progress: bool = True,
+               **settings) -> dict:
+    """Build the teacher from `model` (None: the default model) and let it write the synthetic set into `out`.
+
+    `settings` are `SynthConfig` fields (n_samples, seq_len, seed, batch_size, ...); the rest keep its defaults.
+
+    Example:
+        synthesize(None, Path("runs/synth"), "auto", resume=True, force=False, n_samples=512, seq_len=128)
+    """
+    from recover_lora.export.sources import DEFAULT_MODEL_NAME, default_model_path, load_model
+    from recover_lora.export.torch_model import to_hf_model
+    from recover_lora.recovery.teacher_source import load_hf_tokenizer, pick_device_and_dtype, teacher_source_identity
+
+    config = SynthConfig.from_settings(settings)  # bad settings fail before anything loads
+    device, dtype = pick_device_and_dtype(device_name)
+    source = Path(model) if model is not None else default_model_path()
+    if not source.exists():
+        raise RecoverLoraError(f"model source {source} does not exist; give a Hugging Face folder, a .gguf file, or nothing")
+    weights = load_model(model)  # reads the config and checks the tensors; the weights load lazily
+    name = DEFAULT_MODEL_NAME if model is None else weights.config.name
+    extra_eos = [weights.config.eos_token_id] if weights.config.eos_token_id is not None else []
+    tokenizer = TokenizerInfo.from_hf(load_hf_tokenizer(source), name=name, extra_eos_ids=extra_eos)
+    check_tokenizer(config, tokenizer)  # before building the teacher in torch
+    teacher = to_hf_model(weights, dtype=dtype, device=str(device))
+    identity = {**teacher_source_identity(source), "name": name}
+    return generate_synthetic(teacher, out, tokenizer, teacher_id=identity, resume=resume, force=force, progress=progress,
+                              **asdict(config))

@@ -116,12 +116,13 @@ def bench_command(
     gpu_layers: int = typer.Option(0, "--gpu-layers", help="Layers to offload to a GPU (-1 = all), if built with one"),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="Use flash attention"),
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="Adapter scale"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON-lines file to append records to (default: devices/results/bench-<host>.jsonl)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON-lines file to append records to (default: bench-<host>.jsonl in $RECOVER_LORA_RESULTS or devices/results)"),
     save: bool = typer.Option(True, "--save/--no-save", help="Append the records to the results file"),
     hash_files: bool = typer.Option(True, "--hash/--no-hash", help="Record each file's SHA-256 (else size and mtime only)"),
 ) -> None:
     """Tokens/s (prompt processing and generation) at several KV-cache depths, with a device fingerprint."""
-    from recover_lora.runtime.bench import BenchConfig, Variant, append_records, default_results_path, format_table, run_bench
+    from recover_lora.runtime.bench import BenchConfig, Variant, format_table, run_bench
+    from recover_lora.runtime.records import append_records, default_results_path
 
     variants = [Variant.parse(m) for m in (models or [])] or [Variant(_model_or_default(None))]
     if lora is not None:

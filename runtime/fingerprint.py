@@ -1,21 +1,17 @@
-"""A device fingerprint stored with every benchmark record: what ran the numbers.
+"""What this machine is, read with only the standard library: CPU model, cores, RAM, load.
 
-Works on Linux (x86, ARM boards, Android/Termux), macOS and Windows with only the standard
-library; a field that cannot be read on some OS is None rather than a failure, so the same
-`recover-lora bench` runs unchanged wherever llama-cpp-python installs.
+Works on Linux (x86, ARM boards, Android/Termux), macOS and Windows; a field that cannot be read
+on some OS is None rather than a failure, so the same `recover-lora bench` runs unchanged
+wherever llama-cpp-python installs. runtime/records.py puts these into a record's identity.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import socket
 import subprocess
 import sys
 from pathlib import Path
-
-# Back ends as llama.cpp names them in llama_print_system_info(); first found wins.
-GPU_BACKEND_NAMES = ("CUDA", "Metal", "Vulkan", "ROCm", "HIP", "SYCL", "OpenCL", "CANN", "MUSA", "BLAS")
 
 
 def _read_text(path: str) -> str | None:
@@ -91,45 +87,3 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
         return None
-
-
-def llama_backend(system_info: str, gpu_offload: bool) -> str:
-    """'CPU' or the GPU back end named in llama.cpp's system info ('Metal', 'CUDA', ...)."""
-    if gpu_offload:
-        for name in GPU_BACKEND_NAMES:
-            if name.lower() in system_info.lower():
-                return name
-        return "GPU"
-    return "CPU"
-
-
-def device_fingerprint() -> dict:
-    """Everything about this machine and llama.cpp build that a tokens/s number depends on.
-
-    Example:
-        device_fingerprint()["cpu_model"]  # 'Apple M2' / 'AMD EPYC' / 'Raspberry Pi 5 Model B Rev 1.0'
-    """
-    import llama_cpp
-
-    from recover_lora.runtime.llama import default_threads
-
-    system_info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
-    gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
-    return {
-        "host": socket.gethostname(),
-        "cpu_model": cpu_model(),
-        "cpu_cores_logical": os.cpu_count(),
-        "cpu_cores_physical": physical_cores(),
-        "cpu_cores_usable": default_threads(),
-        "ram_bytes": ram_bytes(),
-        "os": platform.system(),
-        "os_release": platform.release(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "android": "ANDROID_ROOT" in os.environ,
-        "python": platform.python_version(),
-        "llama_cpp_python_version": getattr(llama_cpp, "__version__", None),
-        "llama_cpp_system_info": system_info,
-        "gpu_offload_supported": gpu_offload,
-        "backend": llama_backend(system_info, gpu_offload),
-    }

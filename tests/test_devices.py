@@ -12,8 +12,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from recover_lora.cli import main
-from recover_lora.devices.calibrate import calibrate, parse_record
-from recover_lora.devices.probe import fingerprint, parallel_sum, stream_bandwidth, with_attention_rate, with_matvec_rates
+from recover_lora.devices.calibrate import calibrate
+from recover_lora.devices.probe import parallel_sum, stream_bandwidth, with_attention_rate, with_matvec_rates
 from recover_lora.devices.profiles import (
     CURATED_PROFILES,
     UNIT_SUFFIXES,
@@ -27,6 +27,7 @@ from recover_lora.devices.roofline import estimate, token_cost
 from recover_lora.devices.shapes import FILE_POLICY, SHAPES_DIR, bundled_shape_names, identify_policy, load_model_shape
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.policy import Policy
+from recover_lora.runtime.records import backend_ran, machine_identity, parse_record, same_machine
 
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 256, 512, 4, 2, 64, 64
 TINY_TENSORS = {  # one llama block, untied output; numpy (out, in) shapes
@@ -143,7 +144,7 @@ def test_probe_profile_round_trips_through_toml(results):
         effective_bandwidth_GB_per_s=12.5, extra={"stream_copy_bandwidth_GB_per_s": 14.0},
         matvec_weights_per_s={"Q4_K": 5.07e10, T.Q2_K: 2.9e10},
         sources={"peak_compute": "measured", "effective_bandwidth": "measured", "stream_copy_bandwidth": "measured", "matvec": "probe"},
-        fingerprint=fingerprint(), date="2026-11-23",
+        fingerprint=machine_identity(), date="2026-11-23",
     )
     assert profile.matvec_weights_per_s == {T.Q4_K: 5.07e10, T.Q2_K: 2.9e10}  # names become ggml types
     results.mkdir()
@@ -250,7 +251,7 @@ def test_bad_model_inputs_are_one_line_errors(tmp_path):
 def test_stream_bandwidth_and_fingerprint_run():
     result = stream_bandwidth(array_mib=8, threads=1, repeats=1)
     assert result.read_GB_per_s > 0 and result.copy_GB_per_s > 0 and result.triad_GB_per_s > 0
-    fp = fingerprint()
+    fp = machine_identity()
     assert fp["cpu_cores_logical"] >= 1 and fp["cpu_model"] and fp["ram_bytes"] > 0
 
 
@@ -389,7 +390,7 @@ def test_parse_record_reads_schema_v1_and_ignores_others():
 def test_calibrate_compares_records_with_roofline(tmp_path, results, capsys):
     w4 = write_tiny_gguf(tmp_path / "w4.gguf", "w4")
     gateup = write_tiny_gguf(tmp_path / "gateup.gguf", "gateup")
-    me = fingerprint()
+    me = machine_identity()
     profile = DeviceProfile(
         key="host", name="me", device_class="host", backend="CPU", peak_compute_TFLOP_per_s=0.1, effective_bandwidth_GB_per_s=10.0,
         sources={"peak_compute": "test", "effective_bandwidth": "test"}, fingerprint=me,
@@ -415,6 +416,76 @@ def test_calibrate_compares_records_with_roofline(tmp_path, results, capsys):
     out = capsys.readouterr().out
     assert "GateUp/W4" in out and "measured 1.080 (interleaved)" in out
     assert len(calibrate(results, profile, same_machine_only=False).rows) == 3
+
+
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    "profile_side, record_side, same",
+    [
+        (dict(cpu_model="AMD EPYC", cpu_cores_logical=2, ram_bytes=8 * GiB), dict(cpu_model="AMD EPYC", cpu_cores_logical=2, ram_bytes=8 * GiB), True),
+        (dict(cpu_model="AMD EPYC", cpu_cores_logical=2, ram_bytes=8 * GiB), dict(cpu_model="Apple M2", cpu_cores_logical=2, ram_bytes=8 * GiB), False),
+        # CPU model unreadable on both sides (None in records; left out of a probe's TOML): cores and RAM decide.
+        (dict(cpu_cores_logical=2, ram_bytes=8 * GiB), dict(cpu_model=None, cpu_cores_logical=2, ram_bytes=8 * GiB), True),
+        (dict(cpu_cores_logical=2, ram_bytes=8 * GiB), dict(cpu_model=None, cpu_cores_logical=4, ram_bytes=8 * GiB), False),
+        # Profiles probed before the identity had None wrote "unknown" and 0.
+        (dict(cpu_model="unknown", cpu_cores_logical=2, ram_bytes=0), dict(cpu_model=None, cpu_cores_logical=2, ram_bytes=None), True),
+        # Nothing known on both sides: nothing says it is the same machine.
+        (dict(cpu_model="unknown", ram_bytes=0), dict(cpu_model=None, cpu_cores_logical=2, ram_bytes=None), False),
+    ],
+)
+def test_same_machine_compares_the_fields_both_sides_know(profile_side, record_side, same):
+    assert same_machine(profile_side, record_side) is same
+    assert same_machine(record_side, profile_side) is same
+
+
+def test_calibrate_matches_records_whose_cpu_model_is_unknown(tmp_path, results):
+    w4 = write_tiny_gguf(tmp_path / "w4.gguf", "w4")
+    unknown_cpu = {"cpu_model": None, "cpu_cores_logical": 2, "ram_bytes": 8 * GiB, "platform": "Linux", "machine": "aarch64"}
+    profile = DeviceProfile(
+        key="host", name="me", device_class="host", backend="CPU (2 threads)", peak_compute_TFLOP_per_s=0.1,
+        effective_bandwidth_GB_per_s=10.0, sources={"peak_compute": "test", "effective_bandwidth": "test"}, fingerprint=unknown_cpu,
+    )
+    results.mkdir()
+    (results / "host.toml").write_text(profile_toml(profile))
+    profile = get_profile("host")  # as calibrate sees it: read back from TOML, which cannot hold the unknown CPU model
+    assert "cpu_model" not in profile.fingerprint
+    records = [bench_record(w4, 1000.0, unknown_cpu), bench_record(w4, 900.0, {**unknown_cpu, "cpu_cores_logical": 8})]
+    (results / "bench-x.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    report = calibrate(results, profile)
+    assert [r.measured_tokens_per_s for r in report.rows] == [1000.0]
+    assert len(report.skipped) == 1 and "another machine" in report.skipped[0]
+
+
+def test_backend_is_what_ran_and_calibrate_keeps_gpu_runs_from_cpu_profiles(tmp_path, results):
+    cuda_build = "CUDA : ARCHS = 890 | CPU : AVX2 = 1 |"
+    assert backend_ran(0, cuda_build) == "CPU"  # a GPU build running every layer on the CPU
+    assert backend_ran(-1, cuda_build) == "CUDA" and backend_ran(12, cuda_build) == "CUDA"
+    assert backend_ran(-1, "Metal : EMBED_LIBRARY = 1") == "Metal"
+    w4 = write_tiny_gguf(tmp_path / "w4.gguf", "w4")
+    me = machine_identity()
+    cpu_run = bench_record(w4, 1000.0, {**me, "backend": "CPU"})
+    gpu_run = bench_record(w4, 9000.0, {**me, "backend": "CUDA"})
+    gpu_run["settings"]["gpu_layers"] = -1
+    # Records from before `backend` meant what ran: the build's back end, though gpu_layers was 0.
+    old_cpu_run = bench_record(w4, 1100.0, {**me, "backend": "CUDA"})
+    assert [parse_record(r).backend for r in (cpu_run, gpu_run, old_cpu_run)] == ["CPU", "CUDA", "CPU"]
+    results.mkdir()
+    (results / "bench-x.jsonl").write_text("\n".join(json.dumps(r) for r in (cpu_run, gpu_run, old_cpu_run)) + "\n")
+    sources = {"peak_compute": "test", "effective_bandwidth": "test"}
+    cpu_profile = DeviceProfile(
+        key="host", name="me", device_class="host", backend="CPU (2 threads)", peak_compute_TFLOP_per_s=0.1,
+        effective_bandwidth_GB_per_s=10.0, sources=sources, fingerprint=me,
+    )
+    report = calibrate(results, cpu_profile)
+    assert [r.measured_tokens_per_s for r in report.rows] == [1000.0, 1100.0]
+    assert len(report.skipped) == 1 and "ran on CUDA (gpu_layers -1)" in report.skipped[0]
+    gpu_profile = DeviceProfile(
+        key="gpu", name="a GPU", device_class="desktop", backend="CUDA GPU", peak_compute_TFLOP_per_s=10.0,
+        peak_bandwidth_GB_per_s=500.0, sources={"peak_compute": "test", "peak_bandwidth": "test"},
+    )
+    assert [r.measured_tokens_per_s for r in calibrate(results, gpu_profile).rows] == [9000.0]
 
 
 def test_calibrate_without_records_is_an_error(results, capsys):

@@ -242,13 +242,22 @@ def test_cli_train_export_check_and_heldout(base, synth_dir, tmp_path, capsys):
 
 
 def test_presets_are_valid_training_settings(tmp_path):
-    from recover_lora.recovery.presets import PRESETS, get_preset
+    from recover_lora.presets import PRESETS, get_preset
 
     for preset in PRESETS.values():
         cfg = TrainConfig(base=tmp_path / "b.gguf", samples=tmp_path, output=tmp_path / "run", **preset.train)
         assert cfg.rank == preset.train["rank"] and preset.synth_samples >= cfg.batch_size
     with pytest.raises(RecoverLoraError, match="cpu-demo"):
         get_preset("gpu-demo")
+
+
+def test_a_preset_recipe_sets_train_config_fields_of_their_types():
+    from recover_lora.presets import TrainRecipe
+
+    assert dict(TrainRecipe(rank=4, init="eora")) == {"rank": 4, "init": "eora"}  # unset fields keep TrainConfig's defaults
+    with pytest.raises(RecoverLoraError, match=r"rank=16.0 must be int, the type of TrainConfig.rank") as error:
+        TrainRecipe(rank=16.0)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import shutil
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,6 +23,32 @@ def smoke_config(out: Path, **kwargs) -> PipelineConfig:
 
 
 COMMANDS = ["recover-lora pipeline tests/fixtures/stories260K --preset smoke -o run"]
+
+
+def forbid_every_step(monkeypatch) -> None:
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an up-to-date step ran again")
+
+    for name in ("export.quantize.export_model", "recovery.synth.synthesize", "recovery.imatrix.compute_imatrix",
+                 "recovery.distill.train", "recovery.merge.merge_run", "recovery.heldout.heldout_report", "runtime.evaluate.run_eval",
+                 "runtime.bench.run_bench"):
+        monkeypatch.setattr(f"recover_lora.{name}", must_not_run)
+
+
+def count_file_reads(monkeypatch, fresh_process: bool = True) -> Counter:
+    """Path -> times its bytes were hashed from now on; `fresh_process` forgets the hashes remembered in memory."""
+    from recover_lora import fileio
+
+    reads, read = Counter(), fileio.read_sha256
+
+    def counted(path, *args, **kwargs):
+        reads[str(path)] += 1
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(fileio, "read_sha256", counted)
+    if fresh_process:
+        monkeypatch.setattr(fileio, "_hash_cache", {})
+    return reads
 
 
 class Interrupted(Exception):
@@ -38,6 +69,7 @@ def manifest(out: Path) -> dict:
 def test_every_step_writes_its_outputs(finished_run):
     for name in ("w4.gguf", "gateup.gguf", "synth/samples.safetensors", "train/adapter.gguf", "heldout.json",
                  "eval/teacher.json", "eval/w4.json", "eval/gateup.json", "eval/gateup+adapter.json",
+                 "recovered.gguf", "recover/block_scales.safetensors", "recover/adapter.gguf", "eval/recovered.json", "pareto.png",
                  "bench.jsonl", "host.toml", "roofline.json", "report.md", "report.html", "accuracy.png", "tokens_per_s.png"):
         assert (finished_run / name).is_file(), name
     steps = manifest(finished_run)["steps"]
@@ -48,14 +80,17 @@ def test_every_step_writes_its_outputs(finished_run):
 
 def test_report_has_the_tables_read_from_the_step_outputs(finished_run):
     text = (finished_run / "report.md").read_text()
-    for heading in ("## Accuracy", "## Closeness to the teacher", "## Speed on this machine", "## Files", "## How this was made"):
+    for heading in ("## Accuracy", "## Closeness to the teacher", "## Speed on this machine", "## Which variant to deploy",
+                    "## Files", "## How this was made"):
         assert heading in text
     for task in ("arc_easy", "piqa", "sciq"):
         assert task in text
     heldout = json.loads((finished_run / "heldout.json").read_text())
     assert f"{heldout['rows']['gateup']['kl_to_teacher']:.3f}" in text
     bench = [json.loads(line) for line in (finished_run / "bench.jsonl").read_text().splitlines()]
-    assert {r["pipeline_label"] for r in bench} == {"w4", "gateup", "gateup+adapter"}
+    assert {r["pipeline_label"] for r in bench} == {"w4", "gateup", "gateup+adapter", "recovered"}
+    assert f"{heldout['rows']['recovered']['kl_to_teacher']:.3f}" in text
+    assert re.search(r"\| recovered \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| ", text)  # the Pareto table
     assert f"{bench[0]['tg_tokens_per_s']['median']:.1f}" in text
     assert "recover-lora pipeline tests/fixtures/stories260K --preset smoke" in text
     assert re.search(r"\| gateup\.gguf \| [0-9.]+ \| [0-9.]+ \|", text)
@@ -70,7 +105,7 @@ def test_second_run_skips_every_step(finished_run, monkeypatch, capsys):
         raise AssertionError("an up-to-date step ran again")
 
     monkeypatch.setattr("recover_lora.export.quantize.export_model", must_not_run)
-    monkeypatch.setattr("recover_lora.recovery.synth_cli.synthesize", must_not_run)
+    monkeypatch.setattr("recover_lora.recovery.synth.synthesize", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.imatrix.compute_imatrix", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.distill.train", must_not_run)
     monkeypatch.setattr("recover_lora.runtime.evaluate.run_eval", must_not_run)
@@ -90,7 +125,7 @@ def test_force_redoes_that_step_only(tmp_path, finished_run, capsys):
     run_pipeline(smoke_config(out, force=("eval",)), commands=COMMANDS)
     err = capsys.readouterr().err
     assert "[eval] running" in err
-    for step in ("synth", "imatrix", "export", "train", "heldout", "bench"):
+    for step in ("synth", "imatrix", "export", "train", "recover", "heldout", "bench"):
         assert f"[{step}] up to date" in err
         assert manifest(out)["steps"][step] == before[step], step
 
@@ -105,14 +140,14 @@ def test_interrupted_run_resumes_at_the_step_it_stopped(tmp_path, monkeypatch):
         m.setattr(Pipeline, "heldout", killed)
         with pytest.raises(Interrupted):
             run_pipeline(smoke_config(out))
-    assert set(manifest(out)["steps"]) == {"synth", "imatrix", "export", "train"}
+    assert set(manifest(out)["steps"]) == {"synth", "imatrix", "export", "train", "recover"}
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished step ran again after the interruption")
 
     ran = []
     monkeypatch.setattr("recover_lora.export.quantize.export_model", must_not_run)
-    monkeypatch.setattr("recover_lora.recovery.synth_cli.synthesize", must_not_run)
+    monkeypatch.setattr("recover_lora.recovery.synth.synthesize", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.imatrix.compute_imatrix", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.distill.train", must_not_run)
     monkeypatch.setattr(Pipeline, "eval", lambda self: ran.append("eval") or {})
@@ -170,3 +205,99 @@ def test_cli_reports_where_the_report_is(finished_run, capsys):
         main(["pipeline", str(STORIES_DIR), "--preset", "smoke", "--out", str(finished_run), "--device", "cpu", "--threads", "2"])
     assert exit_info.value.code in (0, None)
     assert f"report: {finished_run / 'report.md'}" in capsys.readouterr().out
+
+
+def test_editing_a_sources_tokenizer_or_config_reruns_export(tmp_path, monkeypatch, capsys):
+    from recover_lora.export import quantize
+
+    model = shutil.copytree(STORIES_DIR, tmp_path / "stories260K")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "imatrix.gguf").write_bytes(b"stands in for the importance matrix: export only hashes it here")
+    exported, export = [], quantize.export_model
+
+    def export_without_imatrix(source, path, policy, imatrix=None, **kwargs):
+        exported.append(policy)
+        return export(source, path, policy, **kwargs)
+
+    monkeypatch.setattr(quantize, "export_model", export_without_imatrix)
+
+    def run_export() -> str:
+        capsys.readouterr()
+        Pipeline(PipelineConfig(out_dir=out, model=str(model), preset="smoke", device="cpu", threads=2)).export()
+        return capsys.readouterr().err
+
+    run_export()
+    assert "[export] up to date" in run_export() and exported == ["w4", "gateup"]
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer, indent=1))  # the same tokenizer, other bytes
+    assert "[export] running" in run_export() and exported == ["w4", "gateup"] * 2
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 256}, indent=2))
+    assert "[export] running" in run_export() and exported == ["w4", "gateup"] * 3
+    assert "[export] up to date" in run_export()
+
+
+def test_a_no_op_resume_reads_every_file_once_and_then_none(tmp_path, finished_run, monkeypatch, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    an_hour_ago = time.time() - 3600
+    for path in out.rglob("*"):  # files at rest, as when a run is resumed on a later day
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    forbid_every_step(monkeypatch)
+    commands = manifest(out)["meta"]["commands"]  # the last run's (the report step depends on them)
+    reads = count_file_reads(monkeypatch)  # a new process: nothing remembered in memory
+    capsys.readouterr()
+    run_pipeline(smoke_config(out), commands=commands)
+    assert capsys.readouterr().err.count("up to date, skipped") == len(STEPS)
+    ggufs = [path for path in reads if path.endswith(".gguf")]
+    assert len(ggufs) == 5  # w4, gateup, imatrix, adapter, recovered: each is an input of several steps
+    assert max(reads.values()) == 1, reads.most_common(3)
+    # Another new process: DIR/file_hashes.json remembers every file the run hashed, so none is read.
+    reads = count_file_reads(monkeypatch)
+    run_pipeline(smoke_config(out), commands=commands)
+    assert not reads, reads
+
+
+def test_file_hashes_are_remembered_by_path_size_and_mtime(tmp_path, monkeypatch):
+    from recover_lora import fileio
+
+    reads = count_file_reads(monkeypatch)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"one")
+    an_hour_ago = time.time() - 3600
+    os.utime(path, (an_hour_ago, an_hour_ago))
+    assert fileio.sha256_file(path) == fileio.sha256_file(path) == hashlib.sha256(b"one").hexdigest()
+    assert reads[str(path)] == 1
+    path.write_bytes(b"two")  # a new mtime: read again
+    assert fileio.sha256_file(path) == hashlib.sha256(b"two").hexdigest() and reads[str(path)] == 2
+    fileio.sha256_file(path)  # modified just now: a same-size rewrite could keep this mtime, so not remembered yet
+    assert reads[str(path)] == 3
+    os.utime(path, (an_hour_ago, an_hour_ago))  # size and mtime as when it held b"one"; the ctime tells them apart
+    assert fileio.sha256_file(path) == hashlib.sha256(b"two").hexdigest() and reads[str(path)] == 4
+    fileio.save_hash_cache(tmp_path / "hashes.json", [tmp_path])
+    reads = count_file_reads(monkeypatch)
+    fileio.load_hash_cache(tmp_path / "hashes.json")
+    assert fileio.sha256_file(path) == hashlib.sha256(b"two").hexdigest() and not reads
+
+
+def test_report_command_redraws_a_finished_run_from_its_files(tmp_path, finished_run, monkeypatch, capsys):
+    from recover_lora.cli import main
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    report = (out / "report.md").read_text()
+    before = manifest(out)
+    for name in ("report.md", "report.html", "accuracy.png", "tokens_per_s.png"):
+        (out / name).unlink()
+    forbid_every_step(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(out)])
+    assert exit_info.value.code in (0, None)
+    assert f"report: {out / 'report.md'}" in capsys.readouterr().out
+    assert (out / "report.md").read_text() == report
+    assert all((out / name).is_file() for name in ("report.html", "accuracy.png", "tokens_per_s.png"))
+    assert manifest(out) == before
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    assert exit_info.value.code == 2 and "holds no pipeline.json" in capsys.readouterr().err

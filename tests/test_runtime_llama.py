@@ -209,7 +209,7 @@ def bench_records(stories_gguf, good_adapter):
 
 def test_bench_records_follow_the_schema(bench_records, stories_gguf):
     from recover_lora.fileio import sha256_file
-    from recover_lora.runtime.bench import SCHEMA_VERSION, validate_record
+    from recover_lora.runtime.records import SCHEMA_VERSION, validate_record
 
     assert [(r["depth"], r["variant_index"]) for r in bench_records] == [(0, 0), (0, 1), (16, 0), (16, 1)]
     for record in bench_records:
@@ -229,7 +229,8 @@ def test_bench_records_follow_the_schema(bench_records, stories_gguf):
 
 
 def test_bench_records_append_and_read_back(bench_records, tmp_path):
-    from recover_lora.runtime.bench import append_records, format_table, read_records
+    from recover_lora.runtime.bench import format_table
+    from recover_lora.runtime.records import append_records, read_records
 
     path = tmp_path / "results" / "bench-test.jsonl"
     append_records(path, bench_records[:2])
@@ -251,7 +252,7 @@ def test_bench_records_append_and_read_back(bench_records, tmp_path):
     ],
 )
 def test_broken_bench_record_is_rejected(bench_records, change, message):
-    from recover_lora.runtime.bench import validate_record
+    from recover_lora.runtime.records import validate_record
 
     record = json.loads(json.dumps(bench_records[0]))
     change(record)
@@ -276,7 +277,7 @@ def test_cli_run_and_bench(stories_gguf, good_adapter, tmp_path):
     from typer.testing import CliRunner
 
     from recover_lora.cli import app
-    from recover_lora.runtime.bench import read_records
+    from recover_lora.runtime.records import read_records
 
     runner = CliRunner()
     result = runner.invoke(app, ["run", str(stories_gguf), "-p", "Once upon a time", "-n", "8", "--threads", "1"])
@@ -289,3 +290,41 @@ def test_cli_run_and_bench(stories_gguf, good_adapter, tmp_path):
     assert [r["variant"] for r in read_records(out)] == ["stories.f32.gguf", "stories.f32.gguf+adapter.gguf"]
     result = runner.invoke(app, ["bench", "--compare", str(stories_gguf)])
     assert isinstance(result.exception, RecoverLoraError) and "two or more" in str(result.exception)
+
+
+def test_bench_without_out_writes_to_the_results_folder_of_the_environment(stories_gguf, tmp_path, monkeypatch):
+    """`bench` and `devices calibrate` share one results folder: $RECOVER_LORA_RESULTS, not a path under the working directory."""
+    from typer.testing import CliRunner
+
+    from recover_lora.cli import app
+    from recover_lora.runtime.records import default_results_path, machine_identity, read_records, read_results, same_machine
+
+    results = tmp_path / "results"
+    monkeypatch.setenv("RECOVER_LORA_RESULTS", str(results))
+    monkeypatch.chdir(tmp_path)  # the old default, devices/results, was relative to here
+    args = ["bench", str(stories_gguf), "-d", "0", "-r", "1", "--n-prompt", "4", "--n-gen", "2", "-t", "1", "--no-hash"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert default_results_path().parent == results and not (tmp_path / "devices").exists()
+    (record,) = read_records(default_results_path())
+    assert record["device"]["backend"] == "CPU" and record["settings"]["gpu_layers"] == 0
+    (decode,) = read_results(results)  # what `devices calibrate` reads
+    assert decode.model_path == str(stories_gguf.resolve()) and decode.backend == "CPU"
+    assert same_machine(decode.fingerprint, machine_identity())
+
+
+def test_timer_rewinds_the_kv_cache(stories_gguf):
+    from recover_lora.runtime.llama import load_llama
+    from recover_lora.runtime.timer import LlamaTimer
+
+    loaded = load_llama(stories_gguf, options=options())
+    try:
+        timer = LlamaTimer(loaded)
+        assert timer.decode([timer.any_token] * 8) > 0 and timer.depth == 8
+        timer.rewind(3)
+        steps = timer.decode_steps([timer.any_token] * 2)
+        assert len(steps) == 2 and all(s > 0 for s in steps) and timer.depth == 5
+        with pytest.raises(ValueError, match="depth 6"):
+            timer.rewind(6)
+    finally:
+        loaded.close()

@@ -1,0 +1,195 @@
+"""Distil a Q2_K tensor's own scales: its 2-bit codes stay, its block scales and mins learn.
+
+mlx-lm's DWQ trains the scales and biases of its quantized groups by KL to the full-precision
+model; this is the same idea on llama.cpp's Q2_K blocks. Per 256-weight block the trainable
+numbers are the fp16 super-block scales `d` and `dmin` (as log-multipliers of their exported
+values, so one learning rate fits every tensor's magnitude) and the sixteen 4-bit scale and min
+codes (as real numbers in code units). The forward pass rounds each to its storage format — fp16,
+integers 0..15 — with a straight-through gradient, so the weights the student trains against are
+exactly the weights `to_blocks` writes: the GGUF after training is the model that was trained.
+
+Example:
+    replaced = replace_with_block_scales(student, info, ["blk.0.ffn_gate.weight", ...])
+    ...train...
+    save_block_scales(replaced, run_dir / BLOCK_SCALES_FILE, info)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from recover_lora.errors import RecoverLoraError
+from recover_lora.export.q2k_blocks import MAX_SCALE_CODE, Q2KBlocks
+
+BLOCK_SCALES_FILE = "block_scales.safetensors"
+# Adam moves every parameter by about its learning rate per step. The codes live on a 0..15 grid, the
+# log-multipliers of d/dmin near 0: one code step is ~1/15 of a sub-block's range, so the codes take
+# a larger rate than the multipliers to move by a comparable fraction of the weights' range.
+CODE_LR_MULTIPLIER = 20.0
+
+
+def _straight_through(value: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """`rounded` forward, identity backward."""
+    return value + (rounded - value).detach()
+
+
+class Q2KWeight(nn.Module):
+    """A Q2_K tensor in torch whose scales train; `forward()` is the dequantized weight [out, in]."""
+
+    def __init__(self, blocks: Q2KBlocks, shape: tuple[int, int]):
+        super().__init__()
+        self.shape = shape
+        self.register_buffer("codes", torch.from_numpy(blocks.codes.astype(np.uint8)), persistent=False)
+        self.register_buffer("d0", torch.from_numpy(blocks.d.astype(np.float32)), persistent=False)
+        self.register_buffer("dmin0", torch.from_numpy(blocks.dmin.astype(np.float32)), persistent=False)
+        self.log_d = nn.Parameter(torch.zeros(blocks.n_blocks))
+        self.log_dmin = nn.Parameter(torch.zeros(blocks.n_blocks))
+        self.scale_codes = nn.Parameter(torch.from_numpy(blocks.scale_codes.astype(np.float32)))
+        self.min_codes = nn.Parameter(torch.from_numpy(blocks.min_codes.astype(np.float32)))
+
+    def rounded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(d, dmin, scale codes, min codes) exactly as they will be stored, with straight-through gradients."""
+        d = self.d0 * torch.exp(self.log_d)
+        dmin = self.dmin0 * torch.exp(self.log_dmin)
+        d = _straight_through(d, d.detach().half().float())
+        dmin = _straight_through(dmin, dmin.detach().half().float())
+        scale_codes = _straight_through(self.scale_codes, self.scale_codes.detach().clamp(0, MAX_SCALE_CODE).round())
+        min_codes = _straight_through(self.min_codes, self.min_codes.detach().clamp(0, MAX_SCALE_CODE).round())
+        return d, dmin, scale_codes, min_codes
+
+    def forward(self) -> torch.Tensor:
+        d, dmin, scale_codes, min_codes = self.rounded()
+        # Same operations in the same order as ggml's dequantize_row_q2_K (and Q2KBlocks.dequantize).
+        scale = d[:, None] * scale_codes
+        minimum = dmin[:, None] * min_codes
+        weight = scale[:, :, None] * self.codes.to(scale.dtype) - minimum[:, :, None]
+        return weight.reshape(self.shape)
+
+    def to_blocks(self) -> Q2KBlocks:
+        with torch.no_grad():
+            d, dmin, scale_codes, min_codes = self.rounded()
+        return Q2KBlocks(
+            codes=self.codes.cpu().numpy(),
+            scale_codes=scale_codes.cpu().numpy().astype(np.uint8),
+            min_codes=min_codes.cpu().numpy().astype(np.uint8),
+            d=d.cpu().numpy().astype(np.float16),
+            dmin=dmin.cpu().numpy().astype(np.float16),
+        )
+
+    def code_parameters(self) -> list[nn.Parameter]:
+        return [self.scale_codes, self.min_codes]
+
+    def multiplier_parameters(self) -> list[nn.Parameter]:
+        return [self.log_d, self.log_dmin]
+
+
+class BlockScaledLinear(nn.Module):
+    """Drop-in for the nn.Linear of a Q2_K tensor: the same forward, with trainable block scales."""
+
+    def __init__(self, q2k: Q2KWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.q2k = q2k
+        self.in_features, self.out_features = q2k.shape[1], q2k.shape[0]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.q2k()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.q2k().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def read_q2k_tensor(gguf_path: str | Path, name: str) -> tuple[Q2KBlocks, tuple[int, int]]:
+    """(blocks, (rows, columns)) of one Q2_K tensor of a GGUF."""
+    from recover_lora.export.gguf_header import read_gguf_header
+
+    for tensor in read_gguf_header(gguf_path).tensors:
+        if tensor.name == name:
+            ggml_type = gguf.GGMLQuantizationType(int(tensor.tensor_type))
+            if ggml_type != gguf.GGMLQuantizationType.Q2_K:
+                raise RecoverLoraError(
+                    f"block-scale training needs Q2_K tensors; {name} in {Path(gguf_path).name} is {ggml_type.name} "
+                    f"(export with --low-bit-type Q2_K, or train a LoRA instead)"
+                )
+            columns, rows = (int(d) for d in tensor.shape[:2])
+            return Q2KBlocks.from_bytes(np.asarray(tensor.data)), (rows, columns)
+    raise RecoverLoraError(f"{Path(gguf_path).name} has no tensor {name}")
+
+
+def replace_with_block_scales(student: nn.Module, info, tensor_names: list[str]) -> dict[str, Q2KWeight]:
+    """Swap each named Q2_K linear of the student for a BlockScaledLinear; returns GGUF name -> Q2KWeight.
+
+    The swap must not change the model: the torch weight has to be exactly the dequantized blocks
+    (true for every linear llama.cpp stores unpermuted, e.g. gate/up/down); anything else is refused.
+    """
+    from recover_lora.export.model import hf_module_name
+
+    replaced = {}
+    for name in tensor_names:
+        module_name = hf_module_name(name, info.config)
+        parent_name, _, child = module_name.rpartition(".")
+        parent = student.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        blocks, shape = read_q2k_tensor(info.gguf_path, name)
+        q2k = Q2KWeight(blocks, shape)
+        with torch.no_grad():
+            same = tuple(linear.weight.shape) == shape and torch.equal(q2k().to(linear.weight.dtype), linear.weight)
+        if not same:
+            raise RecoverLoraError(f"{name} is not stored as the plain rows of {module_name} (permuted or fused); "
+                                   f"block-scale training supports the MLP linears, e.g. ffn_gate/ffn_up")
+        setattr(parent, child, BlockScaledLinear(q2k, linear.bias))
+        replaced[name] = q2k
+    return replaced
+
+
+def block_scale_parameter_groups(replaced: dict[str, Q2KWeight], lr: float) -> list[dict]:
+    return [
+        {"params": [p for q in replaced.values() for p in q.multiplier_parameters()], "lr": lr},
+        {"params": [p for q in replaced.values() for p in q.code_parameters()], "lr": lr * CODE_LR_MULTIPLIER},
+    ]
+
+
+def save_block_scales(replaced: dict[str, Q2KWeight], path: Path, base_gguf: Path) -> Path:
+    """The trained tensors as ggml Q2_K bytes (uint8 [blocks, 84] per GGUF name), written atomically."""
+    from safetensors.numpy import save_file
+
+    from recover_lora.fileio import atomic_output
+
+    tensors = {name: q2k.to_blocks().to_bytes() for name, q2k in replaced.items()}
+    with atomic_output(path, force=True) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "ggml-q2_k-blocks", "base": Path(base_gguf).name})
+    return path
+
+
+def load_block_scales(path: Path) -> dict[str, np.ndarray]:
+    """GGUF name -> Q2_K bytes [blocks, 84] from a run's block_scales.safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RecoverLoraError(f"{path} cannot be read as trained block scales ({e}); train again with --block-scales") from None
+
+
+def check_same_codes(trained: dict[str, np.ndarray], base_gguf: Path) -> None:
+    """Trained blocks must keep the base's 2-bit codes: anything else came from another export."""
+    from recover_lora.export.gguf_header import read_gguf_header
+
+    tensors = {t.name: t for t in read_gguf_header(base_gguf).tensors}
+    for name, raw in trained.items():
+        tensor = tensors.get(name)
+        if tensor is None or gguf.GGMLQuantizationType(int(tensor.tensor_type)) != gguf.GGMLQuantizationType.Q2_K:
+            raise RecoverLoraError(f"the trained block scales hold {name}, which is not a Q2_K tensor of {base_gguf.name}; "
+                                   f"merge with the GGUF the run was trained on")
+        base = np.asarray(tensor.data).reshape(-1)
+        if base.size != raw.size or not np.array_equal(Q2KBlocks.from_bytes(raw).codes, Q2KBlocks.from_bytes(base).codes):
+            raise RecoverLoraError(f"the trained block scales of {name} do not share {base_gguf.name}'s 2-bit codes; "
+                                   f"merge with the GGUF the run was trained on")
+
