@@ -105,21 +105,26 @@ class BlockScaledLinear(nn.Module):
         return nn.functional.linear(x, self.q2k().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
+def q2k_tensor(tensors: dict, name: str, gguf_path: Path) -> tuple[Q2KBlocks, tuple[int, int]]:
+    """(blocks, (rows, columns)) of one Q2_K tensor, from a GGUF header's tensors by name."""
+    tensor = tensors.get(name)
+    if tensor is None:
+        raise RecoverLoraError(f"{gguf_path.name} has no tensor {name}")
+    ggml_type = gguf.GGMLQuantizationType(int(tensor.tensor_type))
+    if ggml_type != gguf.GGMLQuantizationType.Q2_K:
+        raise RecoverLoraError(
+            f"block-scale training needs Q2_K tensors; {name} in {gguf_path.name} is {ggml_type.name} "
+            f"(export with --low-bit-type Q2_K, or train a LoRA instead)"
+        )
+    columns, rows = (int(d) for d in tensor.shape[:2])
+    return Q2KBlocks.from_bytes(np.asarray(tensor.data)), (rows, columns)
+
+
 def read_q2k_tensor(gguf_path: str | Path, name: str) -> tuple[Q2KBlocks, tuple[int, int]]:
     """(blocks, (rows, columns)) of one Q2_K tensor of a GGUF."""
     from recover_lora.export.gguf_header import read_gguf_header
 
-    for tensor in read_gguf_header(gguf_path).tensors:
-        if tensor.name == name:
-            ggml_type = gguf.GGMLQuantizationType(int(tensor.tensor_type))
-            if ggml_type != gguf.GGMLQuantizationType.Q2_K:
-                raise RecoverLoraError(
-                    f"block-scale training needs Q2_K tensors; {name} in {Path(gguf_path).name} is {ggml_type.name} "
-                    f"(export with --low-bit-type Q2_K, or train a LoRA instead)"
-                )
-            columns, rows = (int(d) for d in tensor.shape[:2])
-            return Q2KBlocks.from_bytes(np.asarray(tensor.data)), (rows, columns)
-    raise RecoverLoraError(f"{Path(gguf_path).name} has no tensor {name}")
+    return q2k_tensor({t.name: t for t in read_gguf_header(gguf_path).tensors}, name, Path(gguf_path))
 
 
 def replace_with_block_scales(student: nn.Module, info, tensor_names: list[str]) -> dict[str, Q2KWeight]:
@@ -128,15 +133,17 @@ def replace_with_block_scales(student: nn.Module, info, tensor_names: list[str])
     The swap must not change the model: the torch weight has to be exactly the dequantized blocks
     (true for every linear llama.cpp stores unpermuted, e.g. gate/up/down); anything else is refused.
     """
+    from recover_lora.export.gguf_header import read_gguf_header
     from recover_lora.export.model import hf_module_name
 
+    tensors = {t.name: t for t in read_gguf_header(info.gguf_path).tensors}  # one header read for every tensor
     replaced = {}
     for name in tensor_names:
         module_name = hf_module_name(name, info.config)
         parent_name, _, child = module_name.rpartition(".")
         parent = student.get_submodule(parent_name)
         linear = getattr(parent, child)
-        blocks, shape = read_q2k_tensor(info.gguf_path, name)
+        blocks, shape = q2k_tensor(tensors, name, info.gguf_path)
         q2k = Q2KWeight(blocks, shape)
         with torch.no_grad():
             same = tuple(linear.weight.shape) == shape and torch.equal(q2k().to(linear.weight.dtype), linear.weight)

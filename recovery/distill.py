@@ -278,7 +278,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         apply_lora_init(model, factors)
     for q2k in replaced.values():  # peft froze every non-LoRA parameter
         q2k.requires_grad_(True)
-    lora_parameters = [p for n, p in model.named_parameters() if p.requires_grad and ".q2k." not in n]
+    block_parameters = {id(p) for q2k in replaced.values() for p in q2k.parameters()}
+    lora_parameters = [p for p in model.parameters() if p.requires_grad and id(p) not in block_parameters]
     groups = ([{"params": lora_parameters, "lr": config.lr}] if lora_parameters else [])
     groups += block_scale_parameter_groups(replaced, config.block_scales_lr) if replaced else []
     trainable = [p for group in groups for p in group["params"]]

@@ -66,17 +66,16 @@ def replace_tensor_bytes(base_gguf: Path, out_tmp: Path, replacements: dict[str,
             handle.write(data.tobytes())
 
 
-def requantized_tensors(base_gguf: Path, deltas: dict[str, np.ndarray], teacher, imatrix, work_dir: Path,
+def requantized_tensors(info, deltas: dict[str, np.ndarray], teacher, imatrix, work_dir: Path,
                         threads: int | None) -> dict[str, np.ndarray]:
-    """GGUF name -> bytes of Q(teacher + delta) at the base's type, for every tensor a delta touches."""
+    """GGUF name -> bytes of Q(teacher + delta) at the base's type (`info`: the base's StudentInfo), for every
+    tensor a delta touches."""
     from recover_lora.export.gguf_header import read_gguf_header
     from recover_lora.export.model import gguf_name
     from recover_lora.export.policy import Policy, TensorTypeRule
     from recover_lora.export.quantize import export_model
-    from recover_lora.recovery.student import read_student_info
 
-    info = read_student_info(base_gguf)
-    types = {n: t for n, t in info.tensor_types.items() if t not in (gguf.GGMLQuantizationType.F32,)}
+    types = {n: t for n, t in info.tensor_types.items() if t != gguf.GGMLQuantizationType.F32}
     # One exact rule per tensor: the merged file asks llama.cpp for the base's types, whatever the policy was.
     rules = [TensorTypeRule(re.escape(name), ggml_type) for name, ggml_type in types.items()]
     merged = work_dir / "merged.gguf"
@@ -136,7 +135,7 @@ def merge_run(
     replacements = dict(blocks)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".recover-lora-merge-") as work:
         if deltas:
-            replacements.update(requantized_tensors(base_gguf, deltas, teacher, imatrix, Path(work), threads))
+            replacements.update(requantized_tensors(info, deltas, teacher, imatrix, Path(work), threads))
         with atomic_output(out_path, force=force) as tmp:
             replace_tensor_bytes(base_gguf, tmp, replacements)
             check_types(tmp, info.tensor_types)
