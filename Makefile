@@ -7,7 +7,7 @@ RL     := $(VENV)/bin/recover-lora
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 
-.PHONY: install test demo recipes recover-recipes bench bench-export bench-padding clean
+.PHONY: install test demo recipes recover-recipes bench bench-export bench-padding bench-memory clean
 
 # torch is installed first and pinned: anything looser would pull several GB of CUDA wheels.
 # llama-cpp-python builds from source once (~7 min on 2 cores); pip caches the wheel.
@@ -34,7 +34,8 @@ demo: $(STAMP)
 
 # The activation-aware 2-bit comparison in the README ("Which recipe"): variants of the default model's
 # gateup file and adapter on the held-out text, tasks and bench settings of `make demo`, from its synth/
-# and imatrix.gguf (run `make demo` first; DEMO= points elsewhere). Results in $(RECIPES).
+# and imatrix.gguf (run `make demo` first; DEMO= points elsewhere). Results in $(RECIPES). gateup-llama-codes
+# is llama.cpp's own Q2_K codes (the demo's gateup.gguf has GPTQ codes, `recover-lora gptq`).
 DEMO    ?= $(OUT)/cpu-demo
 RECIPES ?= $(OUT)/recipes
 HELDOUT := --max-tokens 8192
@@ -43,9 +44,10 @@ recipes: $(STAMP)
 	test -f $(DEMO)/imatrix.gguf -a -f $(DEMO)/gateup.gguf -a -f $(DEMO)/synth/samples.safetensors || { echo "run make demo first (or set DEMO=)"; exit 1; }
 	mkdir -p $(RECIPES)
 	$(RL) export -o $(RECIPES)/gateup-plain.gguf --policy gateup --force
+	$(RL) export -o $(RECIPES)/gateup-llama-codes.gguf --policy gateup --imatrix $(DEMO)/imatrix.gguf --force
 	for t in IQ2_XS IQ2_S IQ3_XXS; do $(RL) export -o $(RECIPES)/gateup-$$t.gguf --low-bit-type $$t --imatrix $(DEMO)/imatrix.gguf --force || exit 1; done
 	for init in svd eora; do $(RL) train --preset cpu-demo --init $$init --max-steps 0 --base $(DEMO)/gateup.gguf --samples $(DEMO)/synth --out $(RECIPES)/step0-$$init --force || exit 1; done
-	for v in plain IQ2_XS IQ2_S IQ3_XXS; do $(RL) heldout --base $(RECIPES)/gateup-$$v.gguf $(HELDOUT) --json $(RECIPES)/heldout-gateup-$$v.json || exit 1; done
+	for v in plain llama-codes IQ2_XS IQ2_S IQ3_XXS; do $(RL) heldout --base $(RECIPES)/gateup-$$v.gguf $(HELDOUT) --json $(RECIPES)/heldout-gateup-$$v.json || exit 1; done
 	for r in step0-svd step0-eora; do $(RL) heldout --base $(DEMO)/gateup.gguf --adapter $(RECIPES)/$$r/adapter $(HELDOUT) --json $(RECIPES)/heldout-$$r.json || exit 1; done
 	$(RL) bench $(DEMO)/w4.gguf $(DEMO)/gateup.gguf $(RECIPES)/gateup-plain.gguf $(RECIPES)/gateup-IQ2_XS.gguf $(RECIPES)/gateup-IQ2_S.gguf $(RECIPES)/gateup-IQ3_XXS.gguf --compare -d 0,512 -r 3 -o $(RECIPES)/bench.jsonl
 	$(RL) train --preset cpu-demo --init zero --base $(DEMO)/gateup.gguf --samples $(DEMO)/synth --out $(RECIPES)/train-zero --force --no-progress
@@ -88,6 +90,14 @@ bench-padding: $(STAMP)
 
 bench-export: $(STAMP)
 	$(PY) -m recover_lora.export.bench --out devices/results/bench-export.json
+
+# The memory plan against measurement (README "Memory"): synth, imatrix, export, train and heldout run for real on
+# random-weight Qwen3-4B-shaped models with fewer layers (about 14 minutes on 2 cores, 9 GB of RAM at the peak),
+# each step's peak RSS next to `recover-lora plan`'s prediction in devices/results/memory-bench.json; then the plan
+# for the bundled 4-22B models on one 24 / 48 / 80 GiB GPU in devices/results/memory-plan.md.
+bench-memory: $(STAMP)
+	$(PY) -m recover_lora.devices.memory_bench --out devices/results/memory-bench.json
+	$(RL) plan --grid --preset paper --markdown devices/results/memory-plan.md --force
 
 clean:
 	rm -rf $(OUT) .pytest_cache

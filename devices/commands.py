@@ -1,4 +1,4 @@
-"""CLI of the devices stage: `roofline`, and `devices list|show|probe|calibrate` (heavy imports inside)."""
+"""CLI of the devices stage: `roofline`, `plan` (memory), and `devices list|show|probe|calibrate` (heavy imports inside)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ devices_app = typer.Typer(help="Device profiles: list, show, probe this machine,
 
 def register(app: typer.Typer) -> None:
     app.command("roofline")(roofline_command)
+    app.command("plan")(plan_command)
     app.add_typer(devices_app, name="devices")
 
 
@@ -300,3 +301,67 @@ def calibrate_command(
         with atomic_output(json_out, force=force) as tmp:
             tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         typer.echo(f"wrote {json_out}")
+
+
+def plan_command(
+    model: Optional[str] = typer.Argument(None, help="Bundled shape (qwen3-4b, llama-3.1-8b, qwen3-14b, mistral-small-22b, ...), a Hugging Face folder or config.json, or a .gguf [default: the default model]"),
+    preset: str = typer.Option("cpu-demo", "--preset", help="The pipeline preset whose sizes are planned"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs the torch steps run on (0 = the CPU) [default: this machine's CUDA devices]"),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GiB per GPU (a '24 GB' card has 24 GiB) [default: the first CUDA device's free memory]"),
+    host_memory: Optional[float] = typer.Option(None, "--host-memory", help="GiB of host RAM [default: this machine's available RAM]"),
+    disk: Optional[float] = typer.Option(None, "--disk", help="GiB of disk for the run folder [default: free space under --out]"),
+    out: Path = typer.Option(Path("."), "--out", "-o", help="The run folder the disk is for"),
+    policy: list[str] = typer.Option([], "--policy", help="Extra export policy besides w4 and gateup, repeatable"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Training weights: auto (bf16 on a GPU) | float32 | bfloat16"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Plan a top-k teacher cache instead of the teacher in training"),
+    loss_chunk: Optional[int] = typer.Option(None, "--loss-chunk", help="Plan lm_head + loss over at most N positions at a time"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Plan recomputed layer activations"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training samples per step (global)"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the plan as JSON"),
+    grid: bool = typer.Option(False, "--grid", help="Instead: the bundled 4-22B models on one 24 / 48 / 80 GiB GPU, as markdown"),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="With --grid: write the markdown table here"),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs"),
+) -> None:
+    """Plan each pipeline step's peak host RAM, GPU memory and disk from the model's shape, before any work."""
+    from recover_lora.devices.memory_check import available_memory, checked_plan, format_plan, plan_json, projection_markdown
+    from recover_lora.devices.memory_plan import plan_settings
+    from recover_lora.devices.memory_sizes import model_sizes
+    from recover_lora.devices.shapes import load_model_shape
+    from recover_lora.export.policy import policy_names
+    from recover_lora.fileio import atomic_output, check_output
+
+    for path in (json_out, markdown):
+        if path is not None:
+            check_output(path, force)  # fail before any work
+    overrides = {"dtype": dtype, "top_k": top_k, "loss_chunk": loss_chunk, "gradient_checkpointing": gradient_checkpointing,
+                 "batch_size": batch_size, "rank": rank}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if grid:
+        text = projection_markdown(preset, overrides=overrides)
+        typer.echo(text, nl=False)
+        if markdown is not None:
+            with atomic_output(markdown, force=force) as tmp:
+                tmp.write_text(text)
+            typer.echo(f"wrote {markdown}")
+        return
+    if markdown is not None:
+        raise RecoverLoraError("--markdown is for --grid; use --json for one model's plan")
+    unknown = [p for p in policy if p not in policy_names()]
+    if unknown:
+        raise RecoverLoraError(f"unknown policy {unknown[0]!r}; choose from: {', '.join(policy_names())}")
+    policies = ("w4", "gateup") + tuple(p for p in policy if p not in ("w4", "gateup"))
+    if model is None:
+        from recover_lora.export.sources import default_model_path
+
+        model = str(default_model_path())
+    sizes = model_sizes(load_model_shape(model), policies=policies)
+    available = available_memory(out, gpus=gpus, gpu_gib=gpu_memory, host_gib=host_memory, disk_gib=disk)
+    plan = checked_plan(sizes, plan_settings(preset, overrides, policies), available)
+    typer.echo(format_plan(plan, sizes))
+    if json_out is not None:
+        with atomic_output(json_out, force=force) as tmp:
+            tmp.write_text(plan_json(plan, sizes))
+        typer.echo(f"wrote {json_out}")
+    if not plan.fits:
+        raise typer.Exit(1)

@@ -53,6 +53,7 @@ def pipeline_command(
     device: str = typer.Option("auto", "--device", help="Torch device for synth/train/held-out: auto | cuda | mps | cpu"),
     threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (default: all cores)"),
     seed: int = typer.Option(0, "--seed"),
+    plan_check: bool = typer.Option(True, "--plan-check/--no-plan-check", help="Refuse before any step when the memory plan (`recover-lora plan`) says a step does not fit this machine"),
 ) -> None:
     """Run the whole method on one model: export, synth, train, eval, bench, report (resumable)."""
     import shlex
@@ -60,7 +61,7 @@ def pipeline_command(
     from recover_lora.pipeline import PipelineConfig, run_pipeline
 
     config = PipelineConfig(out_dir=out, model=model, preset=preset, extra_policies=tuple(policy), force=tuple(force),
-                            device=device, threads=threads, seed=seed)
+                            device=device, threads=threads, seed=seed, plan_check=plan_check)
     command = "recover-lora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = run_pipeline(config, commands=[command])
     typer.echo(f"report: {report} (and {report.with_suffix('.html')})")

@@ -3,7 +3,8 @@
 Steps (each a call into its stage's own function; this module only orders them):
   synth    -> synth/ (the teacher's own text)                      recovery.synth.synthesize
   imatrix  -> imatrix.gguf (Σx² per input column, from synth/)     recovery.imatrix.compute_imatrix
-  export   -> w4.gguf, gateup.gguf (+ optional policies)          export.quantize.export_model (--imatrix)
+  export   -> w4.gguf, gateup.gguf (+ optional policies)          export.quantize.export_model (--imatrix),
+                                                                   then recovery.gptq.refine_codes (Q2_K codes)
   train    -> train/ (peft adapter + adapter.gguf)                 recovery.distill.train
   recover  -> recover/, recovered.gguf (one file, gateup's types)  recovery.distill.train + recovery.merge.merge_run
   heldout  -> heldout.json (KL / perplexity on unseen text)        recovery.heldout.heldout_report
@@ -59,6 +60,7 @@ class PipelineConfig:
     device: str = "auto"
     threads: int | None = None
     seed: int = 0
+    plan_check: bool = True  # refuse before any step when the memory plan says a step does not fit this machine
 
     def __post_init__(self) -> None:
         from recover_lora.export.policy import policy_names
@@ -213,7 +215,10 @@ class Pipeline:
         from recover_lora.export.quantize import export_model
 
         outputs = [self.path[p] for p in self.config.policies]
+        gptq = self.preset.gptq_codes
         inputs = {"source": self._source_identity(), "policies": self.config.policies, **self._hash(self.path["imatrix"])}
+        if gptq:  # the codes come from the synthetic samples' activations too
+            inputs |= {"gptq_samples": self.preset.imatrix_samples, **self._hash(self.path["synth"] / "samples.safetensors")}
 
         def action() -> dict:
             sizes = {}
@@ -221,6 +226,8 @@ class Pipeline:
                 # Every file, w4 included, gets the same importance matrix: the baseline is as good as ours.
                 export_model(self.config.model, self.path[policy], policy, force=True, threads=self.config.threads,
                              imatrix=self.path["imatrix"])
+                if gptq:
+                    self._gptq_codes(self.path[policy])
                 summary = summarize_gguf(self.path[policy])
                 sizes[policy] = {"file_bytes": summary.file_bytes, "linear_bpw": summary.linear_bits_per_weight,
                                  "file_bpw": summary.file_bits_per_weight, "types": summary.count_by_type()}
@@ -228,6 +235,19 @@ class Pipeline:
             return {"line": line, "files": sizes}
 
         return self._step("export", inputs, outputs, action)
+
+    def _gptq_codes(self, path: Path) -> None:
+        """Replace a file's Q2_K codes by GPTQ's (recovery/gptq.py); a file without Q2_K is left as it is."""
+        from recover_lora.recovery.distill import pick_device
+        from recover_lora.recovery.gptq import q2k_tensor_names, refine_codes
+        from recover_lora.recovery.student import read_student_info
+
+        if not q2k_tensor_names(read_student_info(path).tensor_types):
+            return
+        refined = path.with_name(f".{path.name}.gptq")
+        refine_codes(path, refined, self.path["synth"], teacher=self.config.model, max_samples=self.preset.imatrix_samples,
+                     device=str(pick_device(self.config.device)), force=True)
+        refined.replace(path)
 
     def imatrix(self) -> dict:
         from recover_lora.recovery.distill import pick_device
@@ -459,6 +479,10 @@ def run_pipeline(config: PipelineConfig, commands: list[str] | None = None) -> P
         run_pipeline(PipelineConfig(out_dir=Path("runs/demo"), preset="cpu-demo"))
     """
     start = time.perf_counter()
+    if config.plan_check:  # shapes only, no weights read: seconds before hours of work
+        from recover_lora.devices.memory_check import check_pipeline_memory
+
+        check_pipeline_memory(config)
     pipeline = Pipeline(config)
     pipeline.manifest.meta = pipeline.run_record(commands or [])
     pipeline.manifest.save()  # even when every step is skipped, pipeline.json describes this run

@@ -155,6 +155,15 @@ def replace_with_block_scales(student: nn.Module, info, tensor_names: list[str])
     return replaced
 
 
+def q2k_with_parameters(q2k: Q2KWeight, parameters: dict[str, torch.Tensor]) -> Q2KWeight:
+    """A plain Q2KWeight with q2k's codes and these trained values (e.g. gathered from an FSDP-sharded run)."""
+    blocks = Q2KBlocks(codes=q2k.codes.cpu().numpy(), scale_codes=np.zeros(q2k.scale_codes.shape, np.float32),
+                       min_codes=np.zeros(q2k.min_codes.shape, np.float32), d=q2k.d0.cpu().numpy(), dmin=q2k.dmin0.cpu().numpy())
+    plain = Q2KWeight(blocks, q2k.shape)
+    plain.load_state_dict(parameters)  # every parameter; the buffers came from q2k
+    return plain
+
+
 def block_scale_parameter_groups(replaced: dict[str, Q2KWeight], lr: float) -> list[dict]:
     return [
         {"params": [p for q in replaced.values() for p in q.multiplier_parameters()], "lr": lr},

@@ -3,6 +3,8 @@
 A checkpoint holds everything the next step depends on: the LoRA weights, the AdamW moments, the
 LR schedule position, every RNG state (dropout draws from torch's global generator) and the step
 count — the data order is a pure function of (seed, epoch), so the step fixes the position in it.
+A run on several processes (distributed.py) writes the same file, gathered into whole tensors, plus
+each process's RNG state under "rng_per_process".
 It is written to a temporary file and renamed, so a kill mid-write leaves the previous one intact.
 """
 
@@ -40,18 +42,30 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trajectory: dict, metrics: dict) -> Path:
-    """Write run_dir/checkpoint.pt atomically (replacing the previous one)."""
-    state = {
+def checkpoint_state(step: int, adapter: dict, optimizer_state: dict, scheduler_state: dict, rng: dict,
+                     trajectory: dict, metrics: dict) -> dict:
+    """What checkpoint.pt holds: the trainable parameters by name, `optimizer.state_dict()`, and so on."""
+    return {
         "version": CHECKPOINT_VERSION,
         "step": step,
-        "adapter": trainable_state(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
+        "adapter": adapter,
+        "optimizer": optimizer_state,
+        "scheduler": scheduler_state,
+        "rng": rng,
         "trajectory": trajectory,
         "metrics": metrics,
     }
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trajectory: dict, metrics: dict) -> Path:
+    """Write run_dir/checkpoint.pt atomically (replacing the previous one)."""
+    state = checkpoint_state(step, trainable_state(model), optimizer.state_dict(), scheduler.state_dict(), rng_state(),
+                             trajectory, metrics)
+    return write_checkpoint(run_dir, state)
+
+
+def write_checkpoint(run_dir: Path, state: dict) -> Path:
+    """torch.save to a temporary file, then a rename: a kill mid-write keeps the previous checkpoint."""
     path = run_dir / CHECKPOINT_FILE
     with atomic_output(path, force=True) as tmp:
         torch.save(state, tmp)

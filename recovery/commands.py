@@ -1,4 +1,4 @@
-"""CLI commands of the recovery stage: synth (synth_cli.py), train, export-adapter, check-adapter, heldout.
+"""CLI commands of the recovery stage: synth (synth_cli.py), train, export-adapter, check-adapter, heldout, imatrix, merge, gptq.
 
 Only typer is imported here; torch, peft and llama_cpp load inside the commands.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +15,7 @@ import typer
 
 from recover_lora.errors import RecoverLoraError
 from recover_lora.presets import PRESETS
+from recover_lora.recovery import gptq as gptq_defaults  # torch-free at import: its defaults only
 from recover_lora.recovery.train_config import TrainConfig
 
 # The train command's defaults are TrainConfig's: its options default to None (a preset or the
@@ -43,6 +45,7 @@ def register(app: typer.Typer) -> None:
     app.command("heldout")(heldout_command)
     app.command("imatrix")(imatrix_command)
     app.command("merge")(merge_command)
+    app.command("gptq")(gptq_command)
 
 
 def train_command(
@@ -72,6 +75,9 @@ def train_command(
     ce_weight: Optional[float] = typer.Option(None, "--ce-weight", help=train_help("ce_weight", "Weight of cross-entropy on the data's tokens")),
     kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help=train_help("kl_weight", "Weight of the KL term")),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Cache the teacher's top-k log-probs once instead of running it each step"),
+    loss_chunk: Optional[int] = typer.Option(None, "--loss-chunk", help="lm_head and loss over at most N token positions at a time (student, teacher, top-k cache): the [batch, seq, vocab] logits never exist whole; same loss"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=train_help("dtype", "auto (bfloat16 on a GPU that supports it, else float32) | float32 | bfloat16: frozen teacher and student weights; bf16 rounds the student's GGUF values but fits 4-8B models (LoRA stays float32)")),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help=train_help("gradient_checkpointing", "Recompute layer activations in backward: less memory, same result (a run may resume with it changed)")),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help=train_help("grad_clip", "Max gradient norm")),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help=train_help("checkpoint_every", "Steps between checkpoints")),
     seed: Optional[int] = typer.Option(None, "--seed", help=train_help("seed", "Seed of LoRA init, data order and dropout")),
@@ -81,6 +87,7 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint (bit-identical)"),
     force: bool = typer.Option(False, "--force", help="Discard the run in --out and start over"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar"),
+    plan_check: bool = typer.Option(True, "--plan-check/--no-plan-check", help="Refuse before loading anything when the memory plan (`recover-lora plan`) says the run does not fit this machine"),
 ) -> None:
     """Train a Recover-LoRA adapter: LoRA on the quantized GGUF's linears, distilled towards the teacher."""
     if resume and force:
@@ -91,6 +98,7 @@ def train_command(
         "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "seq_len": seq_len,
         "max_samples": max_samples, "loss": loss, "temperature": temperature, "ce_weight": ce_weight,
         "kl_weight": kl_weight, "top_k": top_k, "grad_clip": grad_clip, "checkpoint_every": checkpoint_every,
+        "loss_chunk": loss_chunk, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing,
         "seed": seed, "device": device, "adapter_dtype": adapter_dtype,
     }
     settings = {}
@@ -104,11 +112,17 @@ def train_command(
 
     config = TrainConfig(base=base, output=out, samples=samples, data=data, teacher=teacher, resume=resume,
                          force=force, progress=progress, **settings)
+    if plan_check:  # from the GGUF headers and the samples' manifest: no weights are read
+        from recover_lora.devices.memory_check import check_train_memory
+
+        check_train_memory(config)
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
     result = train(config)
+    if os.environ.get("RANK", "0") != "0":  # several processes (accelerate launch / torchrun): rank 0 reports
+        return
     final = result.metrics
     done = (f"last loss {final['loss']:.4f}" if "loss" in final
             else f"no training step: the {config.init}-initialised adapter")
@@ -223,3 +237,29 @@ def merge_command(
     typer.echo(f"wrote {result.path} ({result.file_bytes / 2**20:.1f} MiB, the base's types): "
                f"{len(result.lora_tensors)} tensors re-quantized with the LoRA merged in, "
                f"{len(result.block_scale_tensors)} with trained Q2_K block scales")
+
+
+def gptq_command(
+    base: Path = typer.Argument(..., help="A GGUF with Q2_K linears (e.g. `recover-lora export --policy gateup --imatrix ...`)"),
+    out: Path = typer.Option(..., "--out", "-o", help="The GGUF to write: the base's types and bytes, new 2-bit codes"),
+    samples: Path = typer.Option(..., "--samples", help="Synthetic set from `recover-lora synth` (the teacher's own text)"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Full-precision model the base was exported from (default: SmolLM2-135M-Instruct)"),
+    max_samples: int = typer.Option(gptq_defaults.DEFAULT_SAMPLES, "--max-samples", help="Use only the first N samples"),
+    damp: float = typer.Option(gptq_defaults.DEFAULT_DAMP, "--damp", help="GPTQ's damping: this fraction of the mean diagonal of XᵀX is added to it"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass of the teacher"),
+    device: str = typer.Option("auto", "--device", help="auto | cuda | mps | cpu (the teacher's forward passes)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output"),
+) -> None:
+    """Re-choose the Q2_K codes by GPTQ on the teacher's activations, keeping llama.cpp's scales: same bytes, closer outputs."""
+    import torch
+
+    from recover_lora.recovery.distill import pick_device
+    from recover_lora.recovery.gptq import refine_codes
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    result = refine_codes(base, out, samples, teacher=teacher, max_samples=max_samples, damp=damp, batch_size=batch_size,
+                          device=str(pick_device(device)), force=force)
+    typer.echo(f"wrote {result.path}: {len(result.tensors)} Q2_K tensors, {100 * result.codes_changed:.1f} % of codes changed, "
+               f"output error on the samples x{result.error_ratio:.3f} of the base's")

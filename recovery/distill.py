@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -23,14 +24,9 @@ import torch
 
 from recover_lora.errors import RecoverLoraError
 from recover_lora.recovery import checkpoint as ckpt
+from recover_lora.recovery import distributed
 from recover_lora.recovery.block_scales import BLOCK_SCALES_FILE
-from recover_lora.recovery.losses import (
-    LossConfig,
-    cross_entropy_loss,
-    kl_loss,
-    next_token_rows,
-    topk_kl_loss,
-)
+from recover_lora.recovery.step_loss import TeacherSignal, step_loss  # noqa: F401  (callers import them from here)
 # TrainConfig lives in train_config.py (torch-free, so the CLI can show its defaults); callers may import it from here.
 from recover_lora.recovery.train_config import TrainConfig
 
@@ -73,10 +69,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; fp32 elsewhere (CPU bf16 matmuls are slow, MPS autocast is partial)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+def autocast_for(device: torch.device, dtype: torch.dtype | None = None):
+    """bf16 autocast when the frozen weights are bf16 (`--dtype`, None = auto), else none.
+
+    It follows the weights' dtype so that --dtype float32 is float32 math throughout, and bf16
+    weights meet the float32 LoRA / block-scale parameters in bf16 matmuls (MPS autocast is partial).
+    """
+    from recover_lora.recovery.student import resolve_dtype
+
+    dtype = dtype or resolve_dtype("auto", device)
+    if dtype == torch.bfloat16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -146,39 +149,7 @@ def wrap_with_lora(student, config: TrainConfig, modules: list[str]):
         return get_peft_model(student, lora_config)
 
 
-class TeacherSignal:
-    """The teacher's side of the KL: full logits on the fly, or a precomputed top-k cache."""
-
-    def __init__(self, teacher, topk: tuple[torch.Tensor, torch.Tensor] | None):
-        self.teacher, self.topk = teacher, topk
-
-    def kl(self, ids, rows, batch_index, student_rows, loss_config, autocast):
-        if self.topk is not None:
-            values, top_ids = self.topk[0][batch_index], self.topk[1][batch_index]
-            device = student_rows.device
-            return topk_kl_loss(values[rows.cpu()].to(device), top_ids[rows.cpu()].long().to(device), student_rows, loss_config)
-        with torch.no_grad(), autocast:
-            teacher_logits = self.teacher(input_ids=ids).logits
-        return kl_loss(teacher_logits[rows], student_rows, loss_config)
-
-
-def step_loss(model, signal: TeacherSignal | None, ids, mask, batch_index, loss_config: LossConfig, autocast):
-    """(total loss, {"kl": ..., "ce": ...}) of one batch."""
-    with autocast:
-        logits = model(input_ids=ids).logits
-    parts = {}
-    total = torch.zeros((), device=ids.device)
-    if loss_config.kl_weight > 0:
-        parts["kl"] = signal.kl(ids, mask, batch_index, logits[mask], loss_config, autocast)
-        total = total + loss_config.kl_weight * parts["kl"]
-    if loss_config.ce_weight > 0:
-        ce_rows, targets = next_token_rows(ids, mask)
-        parts["ce"] = cross_entropy_loss(logits[ce_rows], targets) if targets.numel() else torch.zeros((), device=ids.device)
-        total = total + loss_config.ce_weight * parts["ce"]
-    return total, parts
-
-
-def _prepare_run_dir(config: TrainConfig) -> None:
+def _prepare_run_dir(config: TrainConfig, writer: bool = True) -> None:
     run_dir = config.output
     if run_dir.exists() and not run_dir.is_dir():
         raise RecoverLoraError(f"--output {run_dir} is a file; give a folder for the run")
@@ -187,6 +158,8 @@ def _prepare_run_dir(config: TrainConfig) -> None:
         return
     if existing and not config.force:
         raise RecoverLoraError(f"{run_dir} already holds a run; pass --resume to continue it or --force to start over")
+    if not writer:  # another process (rank 0) clears and makes the folder
+        return
     if existing:
         for name in (ckpt.CHECKPOINT_FILE, LOG_FILE, SUMMARY_FILE, ADAPTER_GGUF, "teacher_topk.safetensors", BLOCK_SCALES_FILE):
             (run_dir / name).unlink(missing_ok=True)
@@ -201,11 +174,14 @@ def _truncate_log(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def save_adapter(model, run_dir: Path) -> Path:
-    """peft's save_pretrained into run_dir/adapter, via a temporary folder and a rename."""
+def save_adapter(model, run_dir: Path, state_dict: dict | None = None) -> Path:
+    """peft's save_pretrained into run_dir/adapter, via a temporary folder and a rename.
+
+    state_dict: the gathered whole tensors of a sharded model (None: the model's own parameters).
+    """
     final, tmp = run_dir / ADAPTER_DIR, run_dir / f".{ADAPTER_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
@@ -227,20 +203,29 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         build_student,
         build_teacher,
         check_teacher_matches,
+        enable_gradient_checkpointing,
+        resolve_dtype,
         target_module_names,
         target_tensor_names,
     )
     from recover_lora.recovery.teacher_cache import load_or_build_topk
 
     hooks = hooks or TrainHooks()
-    _prepare_run_dir(config)
-    run_dir = config.output
     device = pick_device(config.device)
-    autocast = autocast_for(device)
+    # Several processes (accelerate launch / torchrun): see distributed.py. One process starts nothing.
+    processes = distributed.start(config.batch_size, device)
+    writer = processes is None or processes.is_main_process  # only rank 0 writes files
+    _prepare_run_dir(config, writer)
+    if processes is not None:
+        processes.wait_for_everyone()  # the run folder is ready
+        device = processes.device if device.type == "cuda" else device  # this process's GPU
+    run_dir = config.output
+    dtype = resolve_dtype(config.dtype, device)  # of the frozen weights; LoRA and block scales stay float32
+    autocast = autocast_for(device, dtype)
     loss_config = config.loss_config()
 
     samples = load_training_samples(config)
-    student, info = build_student(config.base)
+    student, info = build_student(config.base, dtype=dtype)
     modules = [] if config.targets == "none" else target_module_names(info, config.targets)  # fails before the teacher is loaded
     block_tensors = target_tensor_names(info, "low-bit") if config.block_scales else []
     both = sorted(set(modules) & {hf_module_name(n, info.config) for n in block_tensors})
@@ -249,13 +234,14 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                                f"(e.g. attn_q,attn_k,attn_v,attn_output,ffn_down) or none")
     teacher = None
     if loss_config.kl_weight > 0:
-        teacher, teacher_config = build_teacher(config.teacher)
+        teacher, teacher_config = build_teacher(config.teacher, dtype=dtype)
         check_teacher_matches(teacher_config, info)
         teacher.to(device)
     vocab = info.config.vocab_size
     if int(samples.input_ids.max()) >= vocab:
         raise RecoverLoraError(f"the training tokens reach id {int(samples.input_ids.max())} but the model's vocabulary has {vocab}")
-    trajectory = config.trajectory() | {"samples_fingerprint": samples_fingerprint(samples)}
+    # The resolved dtype, not "auto": the same flag means bf16 on a GPU and float32 on a CPU.
+    trajectory = config.trajectory() | {"samples_fingerprint": samples_fingerprint(samples), "dtype": str(dtype).removeprefix("torch.")}
 
     factors = {}
     if modules and config.init != "zero" and not config.resume:  # a resumed run takes its LoRA weights from the checkpoint
@@ -272,12 +258,16 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     else:
         model = student.requires_grad_(False)
     model = model.to(device)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if factors:
         from recover_lora.recovery.lora_init import apply_lora_init
 
         apply_lora_init(model, factors)
     for q2k in replaced.values():  # peft froze every non-LoRA parameter
         q2k.requires_grad_(True)
+    if processes is not None:  # before the optimizer: sharding replaces the parameters
+        distributed.shard_student(model)
     block_parameters = {id(p) for q2k in replaced.values() for p in q2k.parameters()}
     lora_parameters = [p for p in model.parameters() if p.requires_grad and id(p) not in block_parameters]
     groups = ([{"params": lora_parameters, "lr": config.lr}] if lora_parameters else [])
@@ -294,7 +284,9 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     if teacher is not None:
         topk = None
         if config.top_k is not None:
-            topk = load_or_build_topk(run_dir, teacher, samples, config, device, autocast, trajectory["samples_fingerprint"])
+            # Several processes: rank 0 computes the cache while the others wait, then they read it.
+            with contextlib.nullcontext() if processes is None else processes.main_process_first():
+                topk = load_or_build_topk(run_dir, teacher, samples, config, device, autocast, trajectory["samples_fingerprint"])
             teacher = None  # free it: the cache replaces it
         signal = TeacherSignal(teacher, topk)
 
@@ -302,30 +294,45 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     log_path = run_dir / LOG_FILE
     if config.resume:
         state = ckpt.load_checkpoint(run_dir, trajectory)
-        start_step, metrics = ckpt.restore(state, model, optimizer, scheduler), state["metrics"]
-        _truncate_log(log_path, start_step)
+        if processes is None:
+            start_step = ckpt.restore(state, model, optimizer, scheduler)
+        else:
+            start_step = distributed.restore(state, model, optimizer, scheduler, processes)
+        metrics = state["metrics"]
+        if writer:
+            _truncate_log(log_path, start_step)
     else:
-        torch.manual_seed(config.seed + 1)  # dropout's stream, identical whether or not we resume later
-    (run_dir / "run_config.json").write_text(json.dumps(trajectory | {"total_steps": total_steps, "device": str(device),
-                                                                       "target_modules": modules}, indent=2) + "\n")
+        # Dropout's stream, identical whether or not we resume later; one per process, rank 0's the one-process stream.
+        torch.manual_seed(config.seed + 1 + (0 if processes is None else processes.process_index))
+    if writer:
+        (run_dir / "run_config.json").write_text(json.dumps(trajectory | {
+            "total_steps": total_steps, "device": str(device), "target_modules": modules,
+            "processes": 1 if processes is None else processes.num_processes}, indent=2) + "\n")
 
     model.train()
     tokens_per_step = config.batch_size * samples.seq_len
     last_checkpoint = start_step if config.resume else None
-    bar = tqdm(total=total_steps, initial=start_step, disable=not config.progress, desc="train", unit="step")
-    started, log = time.perf_counter(), open(log_path, "a")
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (config.progress and writer), desc="train", unit="step")
+    started, log = time.perf_counter(), open(log_path if writer else os.devnull, "a")
     try:
         for step in range(start_step, total_steps):
             step_started = time.perf_counter()
             index = batch_rows(step, len(samples), config.batch_size, config.seed)
-            ids, mask = samples.input_ids[index].to(device), samples.loss_mask[index].to(device)
-            loss, parts = step_loss(model, signal, ids, mask, index, loss_config, autocast)
+            rows = index if processes is None else distributed.local_rows(index, processes)
+            ids, mask = samples.input_ids[rows].to(device), samples.loss_mask[rows].to(device)
+            loss, parts = step_loss(model, signal, ids, mask, rows, loss_config, autocast, config.loss_chunk)
+            if processes is not None:
+                loss, parts = distributed.share_of_global_mean(parts, loss_config, mask, samples.loss_mask[index])
             if hooks.loss_hook is not None:
                 loss = hooks.loss_hook(step, loss)
-            if not torch.isfinite(loss):
-                _stop_non_finite("loss", loss.item(), step, run_dir, last_checkpoint)
-            loss.backward()
+            reported, parts = (loss, parts) if processes is None else distributed.sum_over_processes(loss, parts)
+            if not torch.isfinite(reported):  # the global value: every process stops at the same step
+                _stop_non_finite("loss", reported.item(), step, run_dir, last_checkpoint)
+            # FSDP averages the gradients over processes; the shares sum to the global mean.
+            (loss if processes is None else loss * processes.num_processes).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            if processes is not None:
+                grad_norm = distributed.local_value(grad_norm)
             if not torch.isfinite(grad_norm):
                 _stop_non_finite("gradient norm", float(grad_norm), step, run_dir, last_checkpoint)
             optimizer.step()
@@ -334,7 +341,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
             elapsed = time.perf_counter() - step_started
             metrics = {
                 "step": step + 1,
-                "loss": loss.item(),
+                "loss": reported.item(),
                 **{name: value.item() for name, value in parts.items()},
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
@@ -345,7 +352,10 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
             bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "kl", "ce", "tokens_per_s") if k in metrics}, refresh=False)
             bar.update(1)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == total_steps:
-                ckpt.save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, trajectory, metrics)
+                if processes is None:
+                    ckpt.save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, trajectory, metrics)
+                else:
+                    distributed.save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, trajectory, metrics, processes)
                 last_checkpoint = step + 1
             if hooks.after_step is not None:
                 hooks.after_step(step + 1)
@@ -353,12 +363,16 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         bar.close()
         log.close()
 
+    gathered = None if processes is None else distributed.full_trainable_state(model)[0]  # every process gathers
     adapter_dir = adapter_gguf = None
     if modules:
-        adapter_dir, adapter_gguf = save_adapter(model, run_dir), run_dir / ADAPTER_GGUF
-        write_adapter_gguf(adapter_dir, config.base, adapter_gguf, dtype=config.adapter_dtype, force=True)
-    if replaced:
-        save_block_scales(replaced, run_dir / BLOCK_SCALES_FILE, config.base)
+        adapter_dir, adapter_gguf = run_dir / ADAPTER_DIR, run_dir / ADAPTER_GGUF
+        if writer:
+            save_adapter(model, run_dir, gathered)
+            write_adapter_gguf(adapter_dir, config.base, adapter_gguf, dtype=config.adapter_dtype, force=True)
+    if replaced and writer:
+        scales = replaced if processes is None else distributed.unsharded_block_scales(model, replaced, gathered)
+        save_block_scales(scales, run_dir / BLOCK_SCALES_FILE, config.base)
     summary = {
         "steps": total_steps,
         "resumed_from": start_step,
@@ -371,7 +385,10 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         "adapter_dir": None if adapter_dir is None else str(adapter_dir),
         "adapter_gguf": None if adapter_gguf is None else str(adapter_gguf),
     }
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if writer:
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if processes is not None:
+        processes.wait_for_everyone()  # every process returns once rank 0 has written the outputs
     return TrainResult(
         run_dir=run_dir,
         adapter_dir=adapter_dir,

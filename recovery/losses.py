@@ -10,12 +10,15 @@ Conventions shared with `distill.py`:
 - Cached teacher logits keep only the top-k log-probabilities (log-softmax over the full vocabulary)
   and their ids. Both distributions are then compared over k + 1 buckets — the k teacher tokens and
   one bucket for the rest of the vocabulary — which is an exact KL of those coarsened distributions.
+- `chunked_losses` computes the same means from hidden states a few rows at a time, so the logits of
+  a large vocabulary never exist for the whole batch (`--loss-chunk`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from recover_lora.errors import RecoverLoraError
 
 KL_KINDS = ("forward", "reverse", "mix")
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: a row with no next token
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,17 @@ def next_token_rows(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[t
     return rows, targets
 
 
+def next_token_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The next token of every loss_mask row [M], in the order of `x[loss_mask]`; IGNORE_INDEX where none.
+
+    The same rows and targets as `next_token_rows`, aligned with the KL rows so one pass serves both.
+    Example: ids [[5, 6, 7]], mask [[T, T, T]] -> [6, 7, IGNORE_INDEX].
+    """
+    following = torch.full_like(input_ids, IGNORE_INDEX)
+    following[:, :-1] = input_ids[:, 1:]
+    return following[loss_mask]
+
+
 def kl_from_log_probs(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per row from log-probabilities of shape [M, K]; 0·log 0 counts as 0."""
     p = p_log.exp()
@@ -101,30 +116,89 @@ def _combine(kind: str, mix_weight: float, p_teacher: torch.Tensor, q_student: t
     )
 
 
+def kl_per_row(teacher_logits: torch.Tensor, student_logits: torch.Tensor, config: LossConfig) -> torch.Tensor:
+    """KL per row [M] between full teacher and student logits [M, V], times temperature²."""
+    t = config.temperature
+    return _combine(config.kind, config.mix_weight, full_log_probs(teacher_logits, t), full_log_probs(student_logits, t)) * t * t
+
+
 def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, config: LossConfig) -> torch.Tensor:
     """Mean KL over rows between full teacher and student logits [M, V], times temperature².
 
     Example:
         kl_loss(torch.zeros(1, 4), torch.zeros(1, 4), LossConfig())  # tensor(0.)
     """
+    return kl_per_row(teacher_logits, student_logits, config).mean()
+
+
+def topk_kl_per_row(
+    teacher_topk_log_probs: torch.Tensor, teacher_topk_ids: torch.Tensor, student_logits: torch.Tensor, config: LossConfig
+) -> torch.Tensor:
+    """Like `kl_per_row`, from cached teacher top-k log-probs (at config.temperature) and ids [M, k]."""
     t = config.temperature
-    per_row = _combine(config.kind, config.mix_weight, full_log_probs(teacher_logits, t), full_log_probs(student_logits, t))
-    return per_row.mean() * t * t
+    teacher = topk_bucket_log_probs(teacher_topk_log_probs.float())
+    student = student_bucket_log_probs(full_log_probs(student_logits, t), teacher_topk_ids)
+    return _combine(config.kind, config.mix_weight, teacher, student) * t * t
 
 
 def topk_kl_loss(
     teacher_topk_log_probs: torch.Tensor, teacher_topk_ids: torch.Tensor, student_logits: torch.Tensor, config: LossConfig
 ) -> torch.Tensor:
     """Like `kl_loss`, from cached teacher top-k log-probs (at config.temperature) and ids [M, k]."""
-    t = config.temperature
-    teacher = topk_bucket_log_probs(teacher_topk_log_probs.float())
-    student = student_bucket_log_probs(full_log_probs(student_logits, t), teacher_topk_ids)
-    return _combine(config.kind, config.mix_weight, teacher, student).mean() * t * t
+    return topk_kl_per_row(teacher_topk_log_probs, teacher_topk_ids, student_logits, config).mean()
 
 
 def cross_entropy_loss(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of rows [M, V] against target ids [M]."""
     return F.cross_entropy(student_logits.float(), targets)
+
+
+def chunked_losses(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    targets: torch.Tensor,
+    config: LossConfig,
+    chunk: int,
+    teacher_kl: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """{"kl": mean KL, "ce": mean cross-entropy} over the loss rows, from hidden states, `chunk` rows at a time.
+
+    Args:
+        hidden: the student's last hidden states of the loss rows [M, H] (before the output projection).
+        head: hidden rows -> logits (the model's lm_head and whatever its forward does after it).
+        targets: next token of each row [M] (`next_token_targets`), for cross-entropy.
+        teacher_kl: (start, stop, student logits of rows start:stop) -> KL per row; needed when kl_weight > 0.
+
+    Each chunk runs under torch.utils.checkpoint: its [chunk, V] logits (student and teacher) are freed
+    once its sums are taken and recomputed in backward, so one chunk of logits exists at a time.
+    Sums over all chunks divided by the full row counts are the means `kl_loss` and
+    `cross_entropy_loss` take over the whole batch.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    want_kl, want_ce = config.kl_weight > 0, config.ce_weight > 0
+
+    def chunk_sums(rows: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(rows)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        kl = teacher_kl(start, start + len(rows), logits).sum() if want_kl else zero
+        ce = (F.cross_entropy(logits.float(), targets[start : start + len(rows)], ignore_index=IGNORE_INDEX, reduction="sum")
+              if want_ce else zero)
+        return kl, ce
+
+    kl_sum = ce_sum = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(hidden), chunk):
+        # Non-reentrant: gradients reach the LoRA parameters through `hidden` and the head without
+        # the chunk's inputs having to be leaves that require grad.
+        kl, ce = checkpoint(chunk_sums, hidden[start : start + chunk], start, use_reentrant=False)
+        kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
+    parts = {}
+    if want_kl:
+        parts["kl"] = kl_sum / len(hidden)
+    if want_ce:
+        n_targets = int((targets != IGNORE_INDEX).sum())
+        parts["ce"] = ce_sum / n_targets if n_targets else ce_sum  # no target: 0, as the unchunked loss
+    return parts
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

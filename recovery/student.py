@@ -100,6 +100,64 @@ def build_teacher(source: str | Path | None, dtype=None):
     return model, weights.config
 
 
+def resolve_dtype(name: str, device):
+    """The torch dtype of `--dtype` on this device: auto = bfloat16 on a CUDA GPU that supports it, else float32."""
+    import torch
+
+    from recover_lora.recovery.train_config import DTYPES
+
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if name not in DTYPES:
+        raise RecoverLoraError(f"--dtype {name!r} is unknown; use one of: {', '.join(DTYPES)}")
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RecoverLoraError("--dtype bfloat16: this GPU has no bfloat16 support; use --dtype float32")
+    return getattr(torch, name)
+
+
+def causal_lm(model):
+    """The transformers *ForCausalLM inside a peft wrapper (LoRA layers in place), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_hidden_states(model, input_ids):
+    """The last hidden states [B, L, H] of a causal LM: its forward up to, not including, lm_head.
+
+    No KV cache: nothing is generated, and for a large model the cache of a batch is big.
+    """
+    return causal_lm(model).get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def output_logits(model, hidden):
+    """Logits from last hidden states: lm_head and what *ForCausalLM.forward does after it.
+
+    Of the architectures in export/archs only Gemma 3 does more: final logit soft-capping, the same
+    three operations in the same order as transformers' Gemma3ForCausalLM.forward (tests check every
+    architecture against the model's own logits).
+    """
+    import torch
+
+    lm = causal_lm(model)
+    logits = lm.get_output_embeddings()(hidden)
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = logits / softcap
+        logits = torch.tanh(logits)
+        logits = logits * softcap
+    return logits
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (same math).
+
+    Non-reentrant torch checkpointing: the reentrant kind only backpropagates into a checkpointed
+    layer when its input requires grad, which the frozen embeddings' output does not, so LoRA
+    parameters inside would silently get no gradient (peft's `enable_input_require_grads` works
+    around that; non-reentrant needs no workaround).
+    """
+    causal_lm(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def check_teacher_matches(teacher_config: ModelConfig, info: StudentInfo) -> None:
     """Refuse a teacher that cannot be the source of the student GGUF (before any training)."""
     student = info.config

@@ -17,8 +17,12 @@ if TYPE_CHECKING:
     from recover_lora.recovery.losses import LossConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-# Fields that do not change the trained weights; everything else must match to --resume.
-_NOT_TRAJECTORY = ("output", "resume", "force", "progress", "checkpoint_every", "adapter_dtype", "device")
+DTYPES = ("auto", "float32", "bfloat16")
+# Fields that do not change the trained weights; everything else must match to --resume. Gradient
+# checkpointing and the loss chunk change memory, not the math: a run that ran out of memory can
+# resume with them. (The resolved dtype does count: `train` puts it in the trajectory.)
+_NOT_TRAJECTORY = ("output", "resume", "force", "progress", "checkpoint_every", "adapter_dtype", "device",
+                   "gradient_checkpointing", "loss_chunk")
 
 
 @dataclass
@@ -57,6 +61,14 @@ class TrainConfig:
     kl_weight: float = 1.0
     ce_weight: float = 0.0
     top_k: int | None = None  # cache the teacher's top-k log-probs once instead of running it every step
+    # lm_head and the loss over at most this many token positions at a time (student, teacher and the
+    # top-k cache): [batch, seq, vocab] logits never exist whole; same loss, recomputed in backward.
+    loss_chunk: int | None = None
+    # Frozen teacher and student weights: auto = bfloat16 on a CUDA GPU that supports it, else float32.
+    # In bfloat16 the student's weights are no longer exactly the GGUF's dequantized values (rounded to
+    # bf16): the price of fitting a 4-8B teacher and student. LoRA and block scales train in float32.
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, same math
     grad_clip: float = 1.0
     checkpoint_every: int = 50
     seed: int = 0
@@ -77,7 +89,7 @@ class TrainConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise RecoverLoraError(f"--{name.replace('_', '-')}={value} must be > 0")
-        for name in ("max_steps", "seq_len", "max_samples", "top_k"):
+        for name in ("max_steps", "seq_len", "max_samples", "top_k", "loss_chunk"):
             value = getattr(self, name)
             # --max-steps 0 writes the initial adapter: with --init svd|eora, the correction without training.
             if value is not None and (value < 0 if name == "max_steps" else value <= 0):
@@ -97,6 +109,8 @@ class TrainConfig:
             raise RecoverLoraError(f"--init {self.init!r} must be one of {', '.join(INIT_METHODS)} and --init-samples={self.init_samples} > 0")
         if self.device not in DEVICES:
             raise RecoverLoraError(f"--device {self.device!r} is unknown; use one of: {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise RecoverLoraError(f"--dtype {self.dtype!r} is unknown; use one of: {', '.join(DTYPES)}")
         self.loss_config()  # validates loss kind, temperature, weights
         from recover_lora.recovery.adapter_gguf import ADAPTER_DTYPES
 

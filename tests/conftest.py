@@ -41,6 +41,15 @@ def stories_dir() -> Path:
     return STORIES_DIR
 
 
+@pytest.fixture(scope="session")
+def stories_gateup(tmp_path_factory) -> Path:
+    """stories260K exported under the gateup policy (padded to K-quant widths); read it, never change it."""
+    from recover_lora.export.quantize import export_model
+
+    torch_threads()
+    return export_model(STORIES_DIR, tmp_path_factory.mktemp("stories-gateup") / "stories.gateup.gguf", "gateup", threads=2).path
+
+
 def make_tiny_hf_model(
     folder: Path, arch: str, seed: int = 0, hidden: int = 256, intermediate: int = 512, **config_overrides
 ) -> Path:

@@ -214,6 +214,9 @@ def test_editing_a_sources_tokenizer_or_config_reruns_export(tmp_path, monkeypat
     out = tmp_path / "run"
     out.mkdir()
     (out / "imatrix.gguf").write_bytes(b"stands in for the importance matrix: export only hashes it here")
+    (out / "synth").mkdir()
+    (out / "synth" / "samples.safetensors").write_bytes(b"stands in for the samples: hashed only, GPTQ is not run here")
+    monkeypatch.setattr(Pipeline, "_gptq_codes", lambda self, path: None)
     exported, export = [], quantize.export_model
 
     def export_without_imatrix(source, path, policy, imatrix=None, **kwargs):
