@@ -7,8 +7,8 @@ together, then more GPUs).
 
 Example:
     plan = checked_plan(model_sizes(load_model_shape("qwen3-4b")), plan_settings("paper"), Available(gpus=1, gpu_bytes=24 * GiB))
-    plan.problems[0]   # "train needs 119.7 GiB of GPU memory for qwen3-4b (activations 47.2 + ...) but 24.0 GiB is
-                       #  available: add --top-k 64 and --loss-chunk 1024 and --gradient-checkpointing and --init svd"
+    plan.problems[0]   # "train needs 26.5 GiB of GPU memory for qwen3-4b (student bf16 7.5 + ...) but 24.0 GiB is
+                       #  available: add --top-k 64 and --init svd"
 """
 
 from __future__ import annotations
