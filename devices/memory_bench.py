@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -145,12 +144,13 @@ def main(argv: list[str] | None = None) -> None:
         work = args.work or Path(tmp)
         for name, layers, vocab, batch in shapes:
             rows += bench_shape(name, layers, vocab, batch, work, args.threads)
-    import psutil
     import resource
+
+    from recover_lora.runtime.records import machine_identity
 
     # This process's own peak: every child's ru_maxrss is at least this (see bench_shape).
     parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total},
+    result = {"machine": machine_identity(),
               "parent_peak_rss_bytes": parent,
               "settings": {"synth_samples": SYNTH_SAMPLES, "seq_len": SEQ_LEN, "synth_batch": SYNTH_BATCH, "default_train_batch": TRAIN_BATCH,
                            "train_steps": TRAIN_STEPS, "rank": RANK, "top_k": TOP_K, "heldout_tokens": HELDOUT_TOKENS, "device": "cpu"},

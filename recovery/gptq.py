@@ -161,7 +161,8 @@ def refine_codes(
     from recover_lora.export.model import hf_module_name
     from recover_lora.export.quantize import check_types
     from recover_lora.recovery.activations import counted_positions, decoder_linears
-    from recover_lora.recovery.block_scales import read_q2k_tensor
+    from recover_lora.export.gguf_header import read_gguf_header
+    from recover_lora.recovery.block_scales import q2k_tensor
     from recover_lora.recovery.imatrix import padded_teacher
     from recover_lora.recovery.merge import replace_tensor_bytes
     from recover_lora.recovery.samples import load_samples
@@ -196,8 +197,9 @@ def refine_codes(
     grams = input_grams(model, sorted(set(modules.values())), ids, counted, batch_size, device)
 
     replacements, changed, total, before, after = {}, 0, 0, 0.0, 0.0
+    tensors = {t.name: t for t in read_gguf_header(base_gguf).tensors}  # the header once, not per tensor
     for name, module in modules.items():
-        blocks, shape = read_q2k_tensor(base_gguf, name)
+        blocks, shape = q2k_tensor(tensors, name, base_gguf)
         target = linears[module].weight.detach().to(torch.float64).cpu()
         gram = grams[module]
         new = with_gptq_codes(blocks, shape, target, gram, damp)
