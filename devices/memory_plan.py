@@ -290,12 +290,19 @@ def export_memory(sizes: ModelSizes, policy: str, mapped_source: bool) -> tuple[
     return host, out, work
 
 
+# llama.cpp linear kinds of one block that read the same tensor.
+SHARED_INPUT = {"attn_q": "attention input", "attn_k": "attention input", "attn_v": "attention input",
+                "ffn_gate": "ffn input", "ffn_up": "ffn input"}
+
+
 def gptq_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict, dict]:
     """(host, GPU) of `recovery.gptq.refine_codes` after each export: the padded fp32 teacher runs over the samples
-    as in imatrix, and every Q2_K linear's input Gram matrix (float64, in²) is held until the codes are chosen."""
+    as in imatrix, and the input Gram matrix (float64, in²) of every Q2_K linear is held until the codes are chosen:
+    one per input tensor (recovery/activations.py: gate and up, or q, k and v, of a block share theirs)."""
     host, gpu, _, _ = imatrix_memory(sizes, s, gpus)
     q2k = [t for t in sizes.policy_tensors.get("gateup", []) if t.ggml_type == gguf.GGMLQuantizationType.Q2_K]
-    host["Gram matrices (float64)"] = sum(t.row_length ** 2 * 8 for t in q2k)
+    inputs = {(t.name.split(".")[1], SHARED_INPUT.get(t.name.split(".")[2], t.name)): t.row_length for t in q2k}
+    host["Gram matrices (float64)"] = sum(width ** 2 * 8 for width in inputs.values())
     # target, scale, min, the working copy (float64) and the codes of one tensor at a time
     host["GPTQ of one tensor"] = max((t.n_elements for t in q2k), default=0) * (4 * 8 + 1)
     return host, gpu

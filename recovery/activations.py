@@ -4,7 +4,9 @@ One forward pre-hook per `nn.Linear` of the decoder blocks (never the LM head) a
 the counted positions of every batch, the sum of squared inputs per column (what llama.cpp's
 importance matrix holds) and, for the modules asked for, the full input Gram matrix XᵀX (what an
 EoRA-style LoRA initialisation whitens with). Linears that read the same tensor (q/k/v, gate/up)
-share one computation. Used by `recovery.imatrix` and `recovery.lora_init`.
+share one computation, and one XᵀX array: in² float64 per layer input, not per linear (a 4B model's
+gate and up would otherwise hold two copies of 36 × 52 MB). Used by `recovery.imatrix`,
+`recovery.lora_init` and `recovery.gptq`.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def collect_activation_stats(
         model: a transformers *ForCausalLM (eval mode; nothing is trained).
         batches: token ids and which positions to count (e.g. `counted_positions(loss_mask)`).
         modules: linear module names to hook (default: every linear of the decoder blocks).
-        covariance: module names that also get the full XᵀX (memory: in² float64 each).
+        covariance: module names that also get the full XᵀX (memory: in² float64 per distinct input; linears
+            reading the same tensor get the same array — copy it before changing it in place).
         device: where the forward passes run.
 
     Example:
@@ -90,22 +93,30 @@ def collect_activation_stats(
         raise RecoverLoraError(f"{unknown[0]} is not a linear layer of the model's decoder blocks")
     wants_xtx = set(covariance)
     stats = {n: ActivationStats(np.zeros(linears[n].in_features), 0) for n in names}
-    for n in wants_xtx:
-        stats[n].xtx = np.zeros((linears[n].in_features, linears[n].in_features))
-    state: dict = {"counted": None, "x": None, "rows": None, "sum_sq": None, "xtx": None}
+    # XᵀX owner of each module asked for it: the first such module to read its input tensor (found in the
+    # first forward; the order of the calls is the model's). Owners accumulate; the others alias the array.
+    xtx_owner: dict[str, str] = {}
+    state: dict = {"counted": None, "x": None, "rows": None, "sum_sq": None, "xtx": None, "owner": None}
 
     def hook(name: str):
         def pre_hook(module, args):
             x = args[0]
             if x is not state["x"]:  # a new input tensor (q/k/v and gate/up read the same one)
                 rows = x.detach()[state["counted"]].double()
-                state.update(x=x, rows=rows, sum_sq=(rows * rows).sum(dim=0).cpu().numpy(), xtx=None)
+                state.update(x=x, rows=rows, sum_sq=(rows * rows).sum(dim=0).cpu().numpy(), xtx=None, owner=None)
             entry = stats[name]
             entry.sum_sq += state["sum_sq"]
             entry.count += state["rows"].shape[0]
             if name in wants_xtx:
+                owner = xtx_owner.setdefault(name, state["owner"] or name)
+                state["owner"] = state["owner"] or owner
+                if owner != name:
+                    entry.xtx = stats[owner].xtx
+                    return
                 if state["xtx"] is None:
                     state["xtx"] = (state["rows"].T @ state["rows"]).cpu().numpy()
+                if entry.xtx is None:
+                    entry.xtx = np.zeros((linears[name].in_features, linears[name].in_features))
                 entry.xtx += state["xtx"]
 
         return pre_hook
@@ -114,7 +125,7 @@ def collect_activation_stats(
     try:
         with torch.no_grad():
             for ids, counted in batches:
-                state.update(counted=counted.to(device), x=None, rows=None, sum_sq=None, xtx=None)
+                state.update(counted=counted.to(device), x=None, rows=None, sum_sq=None, xtx=None, owner=None)
                 if counted.any():
                     # The decoder alone where the model has one (model.model): the LM head's logits are not needed.
                     getattr(model, "model", model)(input_ids=ids.to(device))
@@ -122,4 +133,7 @@ def collect_activation_stats(
         for handle in handles:
             handle.remove()
         state.clear()
+    for name in wants_xtx:  # no counted position at all: an empty sum, as for sum_sq
+        if stats[name].xtx is None:
+            stats[name].xtx = np.zeros((linears[name].in_features, linears[name].in_features))
     return stats

@@ -164,6 +164,41 @@ def test_matrix_equals_a_hand_computation_on_a_tiny_batch():
     np.testing.assert_allclose(stats["model.layers.0.mlp.gate_proj"].sum_sq[:64], hand["model.layers.0.mlp.gate_proj"], rtol=1e-4)
 
 
+def test_gram_matrices_equal_a_hand_computation_and_are_held_once_per_input():
+    """XᵀX over two batches = the inputs' products summed by hand; gate and up (and q, k) read one tensor: one array."""
+    torch = torch_threads()
+    from recover_lora.recovery.activations import collect_activation_stats
+    from recover_lora.recovery.student import build_teacher
+
+    teacher, _ = build_teacher(STORIES_DIR)
+    batches = [(torch.tensor([sample_tokens(10, seed=s)]), torch.ones(1, 10, dtype=torch.bool)) for s in (3, 4)]
+    batches[1][1][0, 6:] = False
+    names = ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj",
+             "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]
+    captured: dict[str, list] = {n: [] for n in names}
+    hooks = [teacher.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: captured[n].append(a[0].double().clone()))
+             for n in names]
+    with torch.no_grad():
+        for ids, _ in batches:
+            teacher(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    # gate is asked for its statistics but not its XᵀX: up owns the array it would share.
+    stats = collect_activation_stats(teacher, batches, modules=names, covariance=names[1:])
+    for name in names[1:]:
+        rows = torch.cat([x[c] for x, (_, c) in zip(captured[name], batches)])
+        np.testing.assert_allclose(stats[name].xtx, (rows.T @ rows).numpy(), rtol=1e-6, atol=1e-9, err_msg=name)
+        assert stats[name].count == 16
+    assert stats[names[0]].xtx is None
+    assert stats[names[3]].xtx is stats[names[4]].xtx  # q and k: one array
+    assert stats[names[1]].xtx is not stats[names[2]].xtx  # other layer, other input
+    both = collect_activation_stats(teacher, batches, modules=names[:2], covariance=names[:2])
+    assert both[names[0]].xtx is both[names[1]].xtx
+    np.testing.assert_allclose(both[names[1]].xtx, stats[names[1]].xtx, rtol=1e-12)
+    empty = collect_activation_stats(teacher, [(batches[0][0], torch.zeros(1, 10, dtype=torch.bool))], modules=names[:2], covariance=names[:2])
+    assert not empty[names[0]].xtx.any() and empty[names[0]].count == 0
+
+
 def test_computed_matrix_names_and_widths_are_the_exported_files(stories):
     matrix = read_imatrix(stories["imatrix"])
     reader = gguf.GGUFReader(stories["gateup"])
