@@ -8,6 +8,13 @@ codes (as real numbers in code units). The forward pass rounds each to its stora
 integers 0..15 — with a straight-through gradient, so the weights the student trains against are
 exactly the weights `to_blocks` writes: the GGUF after training is the model that was trained.
 
+Tried by hand and left out: training the 2-bit codes too, as real numbers rounded in the forward
+with a straight-through gradient (AdamW, 50x this rate). Adam moves every code at the same pace
+whatever its gradient's size, so codes cross their rounding boundary together: on the default
+model the training KL matched the scales-only run until step 14, then rose from 0.34 to 0.65 by
+step 22 as codes began to flip; on stories260K it jumped from 0.55 to 5.5 at once. The same
+synchronous rounding is the likely reason the 4-bit scale codes diverge at rates above 1e-3.
+
 Example:
     replaced = replace_with_block_scales(student, info, ["blk.0.ffn_gate.weight", ...])
     ...train...
