@@ -12,8 +12,9 @@ Tried by hand and left out: training the 2-bit codes too, as real numbers rounde
 with a straight-through gradient (AdamW, 50x this rate). Adam moves every code at the same pace
 whatever its gradient's size, so codes cross their rounding boundary together: on the default
 model the training KL matched the scales-only run until step 14, then rose from 0.34 to 0.65 by
-step 22 as codes began to flip; on stories260K it jumped from 0.55 to 5.5 at once. The same
-synchronous rounding is the likely reason the 4-bit scale codes diverge at rates above 1e-3.
+step 22 as codes began to flip; on stories260K it jumped from 0.55 to 5.5 at once. Rates above 1e-3
+are not only a rounding problem: with the 4-bit scale codes frozen, d/dmin alone at 1e-2 (with the
+recover step's LoRA) trained to a KL of 0.42 over steps 17-24 where the 1e-3 run was at 0.35.
 
 Example:
     replaced = replace_with_block_scales(student, info, ["blk.0.ffn_gate.weight", ...])
