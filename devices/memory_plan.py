@@ -295,14 +295,19 @@ SHARED_INPUT = {"attn_q": "attention input", "attn_k": "attention input", "attn_
                 "ffn_gate": "ffn input", "ffn_up": "ffn input"}
 
 
+def gram_bytes(tensors) -> int:
+    """float64 XᵀX of these linears' inputs as recovery/activations.py holds them: one in² array per input tensor."""
+    inputs = {(t.name.split(".")[1], SHARED_INPUT.get(t.name.split(".")[2], t.name)): t.row_length for t in tensors}
+    return sum(width ** 2 * 8 for width in inputs.values())
+
+
 def gptq_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict, dict]:
     """(host, GPU) of `recovery.gptq.refine_codes` after each export: the padded fp32 teacher runs over the samples
     as in imatrix, and the input Gram matrix (float64, in²) of every Q2_K linear is held until the codes are chosen:
     one per input tensor (recovery/activations.py: gate and up, or q, k and v, of a block share theirs)."""
     host, gpu, _, _ = imatrix_memory(sizes, s, gpus)
     q2k = [t for t in sizes.policy_tensors.get("gateup", []) if t.ggml_type == gguf.GGMLQuantizationType.Q2_K]
-    inputs = {(t.name.split(".")[1], SHARED_INPUT.get(t.name.split(".")[2], t.name)): t.row_length for t in q2k}
-    host["Gram matrices (float64)"] = sum(width ** 2 * 8 for width in inputs.values())
+    host["Gram matrices (float64)"] = gram_bytes(q2k)
     # target, scale, min, the working copy (float64) and the codes of one tensor at a time
     host["GPTQ of one tensor"] = max((t.n_elements for t in q2k), default=0) * (4 * 8 + 1)
     return host, gpu
@@ -368,7 +373,7 @@ def train_phases(sizes: ModelSizes, t: TrainPlan, gpus: int) -> tuple[dict[str, 
             if on_gpu:
                 host["eora teacher staged"] = n_params(teacher) * 4
             _place(host, gpu, on_gpu, eora_teacher_fp32=n_params(teacher) * 4,
-                   covariances=min(COVARIANCE_BUDGET_BYTES, sum(x.row_length ** 2 * 8 for x in targets)))
+                   covariances=min(COVARIANCE_BUDGET_BYTES, gram_bytes(targets)))
         phases["LoRA init"] = host, gpu
     if cache:  # teacher_cache.build_topk: the teacher over every sample, a (global) batch at a time; slices concatenated
         host, gpu = {**later, "top-k cache x 2": 2 * cache}, dict(context)

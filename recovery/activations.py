@@ -108,8 +108,9 @@ def collect_activation_stats(
             entry.sum_sq += state["sum_sq"]
             entry.count += state["rows"].shape[0]
             if name in wants_xtx:
-                owner = xtx_owner.setdefault(name, state["owner"] or name)
-                state["owner"] = state["owner"] or owner
+                if state["owner"] is None:  # the first module asked for XᵀX to read this tensor owns its array
+                    state["owner"] = name
+                owner = xtx_owner.setdefault(name, state["owner"])
                 if owner != name:
                     entry.xtx = stats[owner].xtx
                     return

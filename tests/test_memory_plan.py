@@ -215,3 +215,13 @@ def test_gptq_codes_add_the_teachers_and_the_gram_matrices_to_export(tiny):
     # gate and up of every layer are Q2_K under gateup and read one tensor: one HIDDEN x HIDDEN float64 Gram matrix
     assert with_gptq["Gram matrices (float64)"] == LAYERS * HIDDEN**2 * 8
     assert with_gptq["teacher fp32"] == n_params(tiny.student) * 4 and "teacher fp32" not in without
+
+
+def test_eora_covariances_count_one_gram_matrix_per_layer_input(tiny):
+    """gate and up read one tensor, so eora's init holds one HIDDEN x HIDDEN float64 XᵀX per layer for them."""
+    phases, _, _ = train_phases(tiny, train_settings(init="eora", targets="low-bit"), 0)
+    host, _ = phases["LoRA init"]
+    assert host["covariances"] == LAYERS * HIDDEN**2 * 8
+    phases, _, _ = train_phases(tiny, train_settings(init="eora", targets="all"), 0)
+    # ... and q, k, v one more per layer; o and down read their own (HEADS * HEAD_DIM and INTER wide).
+    assert phases["LoRA init"][0]["covariances"] == LAYERS * (2 * HIDDEN**2 + (HEADS * HEAD_DIM) ** 2 + INTER**2) * 8
