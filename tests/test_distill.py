@@ -121,8 +121,10 @@ def test_resume_refuses_changed_settings_and_a_second_start(base, synth_dir, tmp
         train(config(base, synth_dir, tmp_path / "run", max_steps=2))
     with pytest.raises(RecoverLoraError, match="lr was 0.005"):
         train(config(base, synth_dir, tmp_path / "run", max_steps=2, lr=1e-3, resume=True))
-    with pytest.raises(RecoverLoraError, match="does not exist"):
-        train(config(base, synth_dir, tmp_path / "fresh", resume=True))
+    # Refused before any work: no teacher top-k cache is built for a run that cannot resume.
+    with pytest.raises(RecoverLoraError, match="does not exist; start without --resume"):
+        train(config(base, synth_dir, tmp_path / "fresh", resume=True, top_k=8))
+    assert not (tmp_path / "fresh" / "teacher_topk.safetensors").exists()
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(base, synth_dir, tmp_path):
