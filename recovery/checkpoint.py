@@ -72,11 +72,17 @@ def write_checkpoint(run_dir: Path, state: dict) -> Path:
     return path
 
 
-def load_checkpoint(run_dir: Path, trajectory: dict) -> dict:
-    """Read run_dir/checkpoint.pt and refuse it if it came from different training settings."""
+def checkpoint_to_resume(run_dir: Path) -> Path:
+    """run_dir/checkpoint.pt, or a one-line error when there is none to resume from."""
     path = run_dir / CHECKPOINT_FILE
     if not path.is_file():
         raise RecoverLoraError(f"--resume: {path} does not exist; start without --resume")
+    return path
+
+
+def load_checkpoint(run_dir: Path, trajectory: dict) -> dict:
+    """Read run_dir/checkpoint.pt and refuse it if it came from different training settings."""
+    path = checkpoint_to_resume(run_dir)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a file torch cannot unpickle is corrupt, whatever the exception type

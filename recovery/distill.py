@@ -155,9 +155,7 @@ def _prepare_run_dir(config: TrainConfig, writer: bool = True) -> None:
         raise RecoverLoraError(f"--output {run_dir} is a file; give a folder for the run")
     existing = (run_dir / ckpt.CHECKPOINT_FILE).exists() or (run_dir / SUMMARY_FILE).exists()
     if config.resume:
-        # Checked here, before the models load and a top-k cache is built, not after.
-        if not (run_dir / ckpt.CHECKPOINT_FILE).is_file():
-            raise RecoverLoraError(f"--resume: {run_dir / ckpt.CHECKPOINT_FILE} does not exist; start without --resume")
+        ckpt.checkpoint_to_resume(run_dir)  # refused here, before the models load and a top-k cache is built
         return
     if existing and not config.force:
         raise RecoverLoraError(f"{run_dir} already holds a run; pass --resume to continue it or --force to start over")
