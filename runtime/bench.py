@@ -27,7 +27,7 @@ from pathlib import Path
 from recover_lora.errors import RecoverLoraError
 from recover_lora.fileio import sha256_file
 from recover_lora.runtime.fingerprint import load_average
-from recover_lora.runtime.llama import LlamaOptions, LoadedModel, check_files, load_llama
+from recover_lora.runtime.llama import LlamaOptions, LoadedModel, check_files, load_llama, resolved_extra_buffer_types
 from recover_lora.runtime.records import RECORD_KIND, SCHEMA_VERSION, device_fingerprint
 from recover_lora.runtime.timer import TIMER, LlamaTimer
 
@@ -55,6 +55,7 @@ class BenchConfig:
     lora_scale: float = 1.0
     hash_files: bool = True
     seed: int = 0
+    extra_buffer_types: bool | None = None  # llama.cpp's AMX / repacked weights; None: this machine's choice
 
     def __post_init__(self) -> None:
         if not self.depths or any(d < 0 for d in self.depths):
@@ -180,9 +181,10 @@ def run_bench(
         n_ubatch=config.n_ubatch,
         lora_scale=config.lora_scale,
         flash_attn=config.flash_attn,
+        extra_buffer_types=config.extra_buffer_types,
     )
     checked = [check_files(v.model, v.lora) for v in variants]  # every file, before any is loaded
-    device = device_fingerprint(config.gpu_layers)  # backend: what these runs use, not what the build could
+    device = device_fingerprint(config.gpu_layers, resolved_extra_buffer_types(options))  # backend: what these runs use, not what the build could
     run_id = uuid.uuid4().hex[:12]
     loaded: list[LoadedModel] = []
     records: list[dict] = []
@@ -197,6 +199,7 @@ def run_bench(
             "n_ubatch": config.n_ubatch,
             "gpu_layers": config.gpu_layers,
             "flash_attn": config.flash_attn,
+            "extra_buffer_types": device["extra_buffer_types"],
             "n_ctx": config.n_ctx,
             "repeats": config.repeats,
             "warmup": config.warmup,

@@ -18,12 +18,22 @@ def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("eval")(eval_command)
     app.command("compare")(compare_command)
+    app.command("selftest")(selftest_command)
 
 
 def _model_or_default(model: Optional[Path]) -> Path:
     from recover_lora.export.sources import default_model_path
 
     return model if model is not None else default_model_path()
+
+
+def _on_off_auto(value: str, option: str) -> bool | None:
+    choices = {"auto": None, "on": True, "off": False}
+    if value not in choices:
+        from recover_lora.errors import RecoverLoraError
+
+        raise RecoverLoraError(f"{option} {value!r}: choose auto, on or off")
+    return choices[value]
 
 
 def _load(model, lora, lora_scale, ctx, threads, gpu_layers):
@@ -119,6 +129,7 @@ def bench_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON-lines file to append records to (default: bench-<host>.jsonl in $RECOVER_LORA_RESULTS or devices/results)"),
     save: bool = typer.Option(True, "--save/--no-save", help="Append the records to the results file"),
     hash_files: bool = typer.Option(True, "--hash/--no-hash", help="Record each file's SHA-256 (else size and mtime only)"),
+    extra_bufts: str = typer.Option("auto", "--extra-bufts", help="llama.cpp's extra CPU buffer types (AMX, repacked weights): auto (this machine's self-test) | on | off"),
 ) -> None:
     """Tokens/s (prompt processing and generation) at several KV-cache depths, with a device fingerprint."""
     from recover_lora.runtime.bench import BenchConfig, Variant, format_table, run_bench
@@ -143,6 +154,7 @@ def bench_command(
         flash_attn=flash_attn,
         lora_scale=lora_scale,
         hash_files=hash_files,
+        extra_buffer_types=_on_off_auto(extra_bufts, "--extra-bufts"),
     )
     records = run_bench(variants, config, progress=lambda m: typer.echo(m, err=True))
     typer.echo(format_table(records))
@@ -214,3 +226,30 @@ def compare_command(
             with atomic_output(path, force=True) as tmp:
                 tmp.write_text(text())
             typer.echo(f"wrote {path}")
+
+
+def selftest_command() -> None:
+    """Decode a few tokens of the default model in child processes: does llama.cpp run here, and how.
+
+    Prints the installed llama.cpp build (runtime/llama_build.py), this CPU's vector / matrix
+    extensions and whether llama.cpp decodes with and without its extra CPU buffer types (AMX,
+    repacked weights); remembers the outcome for every later load. Exit 2 if it cannot decode at all.
+    """
+    from recover_lora.runtime.llama_build import installed_build_info
+    from recover_lora.runtime.llama_selftest import cache_path, selftest
+    from recover_lora.runtime.records import device_fingerprint
+
+    build = installed_build_info()
+    if build:
+        typer.echo(f"llama-cpp-python {build['version']} build {build['key']}: CMAKE_ARGS={build['cmake_args'] or '(none)'}, AMX {'in' if build['amx_in_build'] else 'not in'} the build")
+        for reason in build.get("reasons", []):
+            typer.echo(f"  {reason}")
+    else:
+        typer.echo("llama-cpp-python was not installed by `make install` (runtime/llama_build.py): no build record")
+    outcome = selftest(use_cache=False)
+    for run in outcome.runs:
+        state = f"decodes {run.text!r}" if run.ok else f"crashes ({run.signal or f'exit {run.returncode}'})"
+        typer.echo(f"extra buffer types {'on' if run.extra_buffer_types else 'off'}: {state}")
+    device = device_fingerprint(extra_buffer_types=outcome.extra_buffer_types)
+    typer.echo(f"CPU: {device['cpu_model']} ({' '.join(device['cpu_isa']) or 'no SIMD flags listed'})")
+    typer.echo(f"models load with extra buffer types {'on' if outcome.extra_buffer_types else 'off'} (remembered in {cache_path(outcome.key)})")

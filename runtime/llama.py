@@ -3,12 +3,15 @@
 Every file is checked with gguf-py first (`gguf_check`), so a corrupt file or an adapter for
 another model is a one-line `RecoverLoraError` instead of a llama.cpp abort. Threads default to
 the CPUs this process may use; `gpu_layers` offloads layers to Metal/CUDA/Vulkan when the
-installed llama.cpp was built with a GPU back end, and is refused otherwise.
+installed llama.cpp was built with a GPU back end, and is refused otherwise. Whether llama.cpp's
+extra CPU buffer types (AMX, weight repacking) are used is decided once per machine by a child-process
+self-test (runtime/llama_selftest.py), so a native crash there is an error, not a core dump here.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import weakref
 from dataclasses import dataclass
@@ -16,6 +19,9 @@ from pathlib import Path
 
 from recover_lora.errors import RecoverLoraError
 from recover_lora.runtime.gguf_check import AdapterSummary, GGUFSummary, check_adapter, check_model_gguf
+
+
+_GGML_TYPE_F32 = 0
 
 
 def default_threads() -> int:
@@ -48,6 +54,8 @@ class LlamaOptions:
     logits_all: bool = False  # every position's logits (log-likelihood evaluation)
     seed: int = 0
     flash_attn: bool = False
+    kv_cache_f32: bool = False  # keys and values in F32 rather than F16 (exact comparisons with torch)
+    extra_buffer_types: bool | None = None  # None: what the self-test chose for this machine
 
     def __post_init__(self) -> None:
         if self.n_ctx < 8:
@@ -77,6 +85,39 @@ class LoadedModel:
         close = getattr(self.llm, "close", None)
         if close is not None:
             close()
+
+
+@contextlib.contextmanager
+def model_params_override(**fields):
+    """Meanwhile, `llama_cpp.Llama` builds its model parameters with these fields set (e.g. use_extra_bufts=False).
+
+    llama-cpp-python 0.3.36's `Llama` takes no argument for `use_extra_bufts`; it starts from
+    `llama_model_default_params()`, so that function answers with the fields changed for the block.
+    """
+    import llama_cpp.llama as high_level
+
+    original = high_level.llama_cpp.llama_model_default_params
+
+    def with_fields():
+        params = original()
+        for name, value in fields.items():
+            setattr(params, name, value)
+        return params
+
+    high_level.llama_cpp.llama_model_default_params = with_fields
+    try:
+        yield
+    finally:
+        high_level.llama_cpp.llama_model_default_params = original
+
+
+def resolved_extra_buffer_types(options: LlamaOptions | None = None) -> bool:
+    """The options' choice, else this machine's (the self-test's, or RECOVER_LORA_EXTRA_BUFTS)."""
+    if options is not None and options.extra_buffer_types is not None:
+        return options.extra_buffer_types
+    from recover_lora.runtime.llama_selftest import extra_buffer_types
+
+    return extra_buffer_types()
 
 
 def check_files(model_path: str | os.PathLike, lora_path: str | os.PathLike | None = None) -> tuple[GGUFSummary, AdapterSummary | None]:
@@ -114,22 +155,26 @@ def load_llama(
             "drop --gpu-layers or reinstall llama-cpp-python with Metal/CUDA/Vulkan (see its README)"
         )
     threads = options.resolved_threads
+    extra_bufts = resolved_extra_buffer_types(options)
+    cache = {"type_k": _GGML_TYPE_F32, "type_v": _GGML_TYPE_F32} if options.kv_cache_f32 else {}
     try:
-        llm = llama_cpp.Llama(
-            model_path=str(model.path),
-            lora_path=str(adapter.path) if adapter is not None else None,
-            lora_scale=options.lora_scale,
-            n_ctx=options.n_ctx,
-            n_batch=min(options.n_batch, options.n_ctx),
-            n_ubatch=min(options.n_ubatch, options.n_batch, options.n_ctx),
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_gpu_layers=options.gpu_layers if options.gpu_layers >= 0 else 0x7FFFFFFF,
-            logits_all=options.logits_all,
-            seed=options.seed,
-            flash_attn=options.flash_attn,
-            verbose=False,
-        )
+        with model_params_override(use_extra_bufts=extra_bufts):
+            llm = llama_cpp.Llama(
+                model_path=str(model.path),
+                lora_path=str(adapter.path) if adapter is not None else None,
+                lora_scale=options.lora_scale,
+                n_ctx=options.n_ctx,
+                n_batch=min(options.n_batch, options.n_ctx),
+                n_ubatch=min(options.n_ubatch, options.n_batch, options.n_ctx),
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=options.gpu_layers if options.gpu_layers >= 0 else 0x7FFFFFFF,
+                logits_all=options.logits_all,
+                seed=options.seed,
+                flash_attn=options.flash_attn,
+                verbose=False,
+                **cache,
+            )
     except (ValueError, RuntimeError, OSError) as e:
         what = f"{model.path}" + (f" with adapter {adapter.path}" if adapter else "")
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -152,6 +197,8 @@ def describe(loaded: LoadedModel) -> str:
     if loaded.adapter is not None:
         parts.append(f"+ {Path(loaded.adapter.path).name} (r={max(loaded.adapter.ranks)}, scale {loaded.options.lora_scale:g})")
     parts.append(f"threads {loaded.options.resolved_threads}")
+    if not resolved_extra_buffer_types(loaded.options):
+        parts.append("extra buffer types off")
     if loaded.options.gpu_layers:
         parts.append(f"gpu layers {loaded.options.gpu_layers}")
     return ", ".join(parts)

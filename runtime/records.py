@@ -14,15 +14,17 @@ Record schema (one JSON object per line, appended to `<results>/bench-<host>.jso
                       ram_bytes, platform, machine), host, cpu_cores_{physical,usable}, os,
                       os_release, android, python, llama_cpp_python_version,
                       llama_cpp_system_info, gpu_offload_supported (what the build can do),
-                      backend (what ran: "CPU", or the GPU back end when layers were offloaded);
-                      a field that cannot be read on this OS is null
+                      backend (what ran: "CPU", or the GPU back end when layers were offloaded),
+                      cpu_isa (the CPU's SIMD / matrix flags), llama_cpp_build (key, cmake_args,
+                      amx_in_build of runtime/llama_build.py's install; null if installed otherwise),
+                      extra_buffer_types (llama.cpp's AMX / repacked weights used); a field that cannot be read on this OS is null
     load_average      [1, 5, 15-minute] load when the depth's measurements ended (null if unknown)
     variant           label, e.g. "gateup.gguf+adapter.gguf"; variant_index: its position
     baseline_variant  label of the first variant (ratios are against it)
     model             path, name, size_bytes, mtime, sha256 (null with --no-hash), architecture,
                       general_name, n_weights, tensor_types ({ggml type: tensor count})
     adapter           null, or path, name, size_bytes, mtime, sha256, rank, alpha, scale
-    settings          threads, n_batch, n_ubatch, gpu_layers, flash_attn, n_ctx, repeats, warmup,
+    settings          threads, n_batch, n_ubatch, gpu_layers, flash_attn, extra_buffer_types, n_ctx, repeats, warmup,
                       interleaved (bool), timer ("wall_clock_llama_decode")
     depth, n_prompt, n_gen   ints (tokens)
     pp_tokens_per_s   {median, min, max, mean, samples: [...]}; tg_tokens_per_s likewise
@@ -62,6 +64,8 @@ MACHINE_KEYS = ("cpu_model", "cpu_cores_logical", "ram_bytes")
 # What profiles written before the identity had None stored for a field they could not read.
 _LEGACY_UNKNOWN = ("unknown", 0)
 CPU_BACKEND = "CPU"
+# CPU flags that set llama.cpp's kernels: x86 SIMD / AMX, Arm NEON / dot product / i8mm / SVE / SME.
+_ISA_FLAG = re.compile(r"^(sse4_2|avx\w*|fma|f16c|amx\w*|asimd\w*|neon|sve\w*|sme\w*|i8mm|bf16|fphp|dotprod)$")
 # GPU back ends as llama.cpp names them in llama_print_system_info(); first found wins.
 GPU_BACKEND_NAMES = ("CUDA", "Metal", "Vulkan", "ROCm", "HIP", "SYCL", "OpenCL", "CANN", "MUSA", "BLAS")
 
@@ -117,19 +121,23 @@ def backend_ran(gpu_layers: int, system_info: str) -> str:
     return "GPU"
 
 
-def device_fingerprint(gpu_layers: int = 0) -> dict:
+def device_fingerprint(gpu_layers: int = 0, extra_buffer_types: bool | None = None) -> dict:
     """Everything about this machine, its llama.cpp build and the back end used that tokens/s depends on.
 
     Args:
         gpu_layers: layers the measured run offloaded (0: a CPU run), for `backend`.
+        extra_buffer_types: whether the measured runs used llama.cpp's extra CPU buffer types (AMX,
+            repacked weights); None: this machine's choice (runtime/llama_selftest.py).
 
     Example:
         device_fingerprint(gpu_layers=0)["backend"]  # 'CPU'
     """
     import llama_cpp
 
-    from recover_lora.runtime.llama import default_threads
+    from recover_lora.runtime.llama import default_threads, resolved_extra_buffer_types
+    from recover_lora.runtime.llama_build import cpu_flags, installed_build_info
 
+    build = installed_build_info() or {}
     system_info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
     return {
         **machine_identity(),
@@ -144,6 +152,10 @@ def device_fingerprint(gpu_layers: int = 0) -> dict:
         "llama_cpp_system_info": system_info,
         "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
         "backend": backend_ran(gpu_layers, system_info),
+        # The CPU's vector / matrix extensions: every speed figure says what it was measured with.
+        "cpu_isa": [f for f in cpu_flags() if _ISA_FLAG.match(f)],
+        "llama_cpp_build": {k: build.get(k) for k in ("key", "cmake_args", "amx_in_build")} if build else None,
+        "extra_buffer_types": resolved_extra_buffer_types() if extra_buffer_types is None else extra_buffer_types,
     }
 
 

@@ -104,20 +104,10 @@ def llama_cpp_logits(gguf_path: Path, tokens: list[int], lora_path: Path | None 
     `f32_kv_cache`: keys and values in F32 instead of llama.cpp's default F16, which rounds them at ~1e-3;
     for comparisons of adapter and student maths that must be tight.
     """
-    import gguf
-    import llama_cpp
+    from recover_lora.runtime.llama import LlamaOptions, load_llama
 
-    cache = {"type_k": int(gguf.GGMLQuantizationType.F32), "type_v": int(gguf.GGMLQuantizationType.F32)} if f32_kv_cache else {}
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_path),
-        lora_path=str(lora_path) if lora_path else None,
-        n_ctx=max(64, len(tokens) + 8),
-        n_batch=512,
-        logits_all=True,
-        n_threads=2,
-        verbose=False,
-        **cache,
-    )
+    options = LlamaOptions(n_ctx=max(64, len(tokens) + 8), n_batch=512, logits_all=True, threads=2, kv_cache_f32=f32_kv_cache)
+    llm = load_llama(gguf_path, lora_path, options).llm
     llm.eval(tokens)
     logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     llm.close()

@@ -47,9 +47,9 @@ def test_every_tensor_has_the_policy_type(exports, policy):
 
 
 def _generate(path, prompt, n=32):
-    import llama_cpp
+    from recover_lora.runtime.llama import LlamaOptions, load_llama
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+    llm = load_llama(path, options=LlamaOptions(n_ctx=256, threads=2)).llm
     text = llm(prompt, max_tokens=n, temperature=0.0)["choices"][0]["text"]
     llm.close()
     return text

@@ -71,10 +71,10 @@ def test_gguf_round_trip_is_exact(tiny_hf_model, tmp_path, arch):
 
 
 def test_real_tiny_llama_generates_its_story(stories_dir, tmp_path):
-    import llama_cpp
+    from recover_lora.runtime.llama import LlamaOptions, load_llama
 
     gguf_path = write_gguf(load_model(stories_dir), tmp_path / "stories.gguf")
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, n_threads=2, verbose=False)
+    llm = load_llama(gguf_path, options=LlamaOptions(n_ctx=256, threads=2)).llm
     out = llm("Once upon a time, there was a little girl named Lily.", max_tokens=12, temperature=0.0)
     llm.close()
     assert "She loved to play" in out["choices"][0]["text"]

@@ -148,7 +148,7 @@ def test_inspect_command_json(stories_dir, tmp_path, capsys):
 
 
 def test_random_weights_of_a_config_shape(tmp_path):
-    import llama_cpp
+    from recover_lora.runtime.llama import LlamaOptions, load_llama
 
     config = {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 600, "hidden_size": 256,
@@ -160,7 +160,7 @@ def test_random_weights_of_a_config_shape(tmp_path):
     summary = summarize_gguf(result.path)
     assert summary.count_by_type() == {"Q2_K": 4, "Q4_K": 10, "Q6_K": 1, "F32": 9}
     assert [t.shape for t in summary.tensors if t.name == "blk.0.ffn_up.weight"] == [[512, 256]]
-    llm = llama_cpp.Llama(model_path=str(result.path), n_ctx=64, n_threads=2, verbose=False)
+    llm = load_llama(result.path, options=LlamaOptions(n_ctx=64, threads=2)).llm
     # bos + one byte token per byte of "speed▁test" (SentencePiece writes the space as U+2581, 3 bytes)
     assert len(llm.tokenize(b"speed test")) == 1 + len("speed\u2581test".encode())
     llm.eval(llm.tokenize(b"speed test"))

@@ -21,8 +21,10 @@ from test_distill import adapter_weights, base, config, log_rows, synth_dir  # n
 
 # Float tolerances against one process: the 2 processes sum the batch's loss rows and reduce the
 # gradients in another order (observed: loss within 2e-7 relative, LoRA weights within 3e-5, the
-# largest at single elements whose gradient is near 0, which Adam's normalisation magnifies).
-LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
+# largest at single elements whose gradient is near 0, which Adam's normalisation magnifies). The gradient
+# norm by step 4 carries three updates of that drift: 3.8e-5 relative on an AVX-512 machine (a factor of 2
+# from a missing average would still be far outside).
+LOSS_RTOL, GRAD_NORM_RTOL, WEIGHT_ATOL = 1e-5, 1e-4, 1e-4
 # LoRA on two 4-bit kinds and block scales on the 2-bit gate/up, from a top-k teacher cache: every output there is.
 SETTINGS = dict(targets="attn_v,ffn_down", block_scales=True, top_k=32)
 
@@ -80,7 +82,8 @@ def test_two_processes_train_as_one(base, synth_dir, tmp_path):
     assert [r["step"] for r in two_rows] == [1, 2, 3, 4]
     for a, b in zip(one_rows, two_rows):
         for key in ("loss", "kl", "grad_norm", "lr"):
-            assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL), (a["step"], key)
+            rtol = GRAD_NORM_RTOL if key == "grad_norm" else LOSS_RTOL
+            assert b[key] == pytest.approx(a[key], rel=rtol), (a["step"], key)
     one_adapter, two_adapter = adapter_weights(tmp_path / "one"), adapter_weights(tmp_path / "two")
     assert one_adapter.keys() == two_adapter.keys()
     for name in one_adapter:
