@@ -10,7 +10,7 @@ OUT    ?= out
 LLAMA_BUILD := $(shell $(PYTHON) runtime/llama_build.py key 2>/dev/null || echo unknown)
 STAMP  := $(VENV)/.installed-$(LLAMA_BUILD)
 
-.PHONY: install test demo recipes recover-recipes bench bench-export bench-padding bench-memory clean
+.PHONY: install test demo recipes recover-recipes bench bench-export bench-padding bench-extra-bufts bench-memory clean
 
 # torch is installed first and pinned: anything looser would pull several GB of CUDA wheels.
 # llama-cpp-python builds from source once per CPU + compiler (~5 min on 2 cores), kept in
@@ -80,7 +80,18 @@ recover-recipes: $(STAMP)
 	for v in blocks high-bit-lora naive-gateup-merge second-pass; do $(RL) heldout --base $(RECIPES)/$$v.gguf $(HELDOUT) --json $(RECIPES)/heldout-$$v.json || exit 1; done
 	$(RL) heldout --base $(DEMO)/gateup.gguf --adapter $(RECIPES)/high-bit-lora/adapter $(HELDOUT) --json $(RECIPES)/heldout-high-bit-lora-unmerged.json
 
-bench: bench-export bench-padding
+bench: bench-export bench-padding bench-extra-bufts
+
+# What llama.cpp's extra CPU buffer types (AMX where built, repacked weights) are worth here (README "Which
+# llama.cpp, on which CPU"): the default model as padded w4, padded gateup and unpadded all-Q4_0, decoded
+# with them on and off, twice each, records in devices/results/bench-extra-bufts.jsonl (with the CPU's extensions).
+EXTRA_BUFTS ?= $(OUT)/extra-bufts
+bench-extra-bufts: $(STAMP)
+	mkdir -p $(EXTRA_BUFTS)
+	$(RL) export -o $(EXTRA_BUFTS)/w4.gguf --policy w4 --force
+	$(RL) export -o $(EXTRA_BUFTS)/gateup.gguf --policy gateup --force
+	$(RL) export -o $(EXTRA_BUFTS)/unpadded-q4_0.gguf --pad none --tensor-type 'blk\..*\.weight=Q4_0' --embedding-type Q4_0 --force
+	for mode in on off on off; do $(RL) bench $(EXTRA_BUFTS)/w4.gguf $(EXTRA_BUFTS)/gateup.gguf $(EXTRA_BUFTS)/unpadded-q4_0.gguf --compare -d 0 -r 5 -t 2 --extra-bufts $$mode -o devices/results/bench-extra-bufts.jsonl || exit 1; done
 
 # What width padding costs (README "Architectures"): a Qwen2.5-0.5B-shaped random-weight model (hidden 896)
 # as padded w4 and gateup files against the unpadded all-Q4_0 file llama.cpp falls back to without padding.

@@ -65,7 +65,7 @@ MACHINE_KEYS = ("cpu_model", "cpu_cores_logical", "ram_bytes")
 _LEGACY_UNKNOWN = ("unknown", 0)
 CPU_BACKEND = "CPU"
 # CPU flags that set llama.cpp's kernels: x86 SIMD / AMX, Arm NEON / dot product / i8mm / SVE / SME.
-_ISA_FLAG = re.compile(r"^(sse4_2|avx\w*|fma|f16c|amx\w*|asimd\w*|neon|sve\w*|sme\w*|i8mm|bf16|fphp|dotprod)$")
+_ISA_FLAG = re.compile(r"^(sse4_2|avx\w*|fma|f16c|amx\w*|asimd\w*|neon|sve\w*|sme(?!p)\w*|i8mm|bf16|fphp|dotprod)$")
 # GPU back ends as llama.cpp names them in llama_print_system_info(); first found wins.
 GPU_BACKEND_NAMES = ("CUDA", "Metal", "Vulkan", "ROCm", "HIP", "SYCL", "OpenCL", "CANN", "MUSA", "BLAS")
 

