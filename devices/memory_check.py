@@ -65,9 +65,19 @@ def refusal(plan: MemoryPlan, step: StepMemory, sizes: ModelSizes, suggest: bool
         if have is None or need <= have:
             continue
         detail = f" ({_parts_text(parts)})" if parts else ""
-        line = f"{step.step} needs {_gib(need)} GiB of {what} for {plan.model}{detail} but {_gib(have)} GiB is available"
+        line = (f"{step.step} needs {_gib(need)} GiB of {what} for {plan.model}{detail} but {_gib(have)} GiB is available "
+                f"({_whose(a, resource)})")
         return line + (f": {remedies(plan, step.step, sizes, resource)}" if suggest else "")
     return None
+
+
+_RESOURCE_FLAGS = {"host": "--host-memory", "gpu": "--gpu-memory", "disk": "--disk"}
+
+
+def _whose(available: Available, resource: str) -> str:
+    """Which machine's number a refusal used: this one's (and the flag that plans another), or the one given."""
+    flag = _RESOURCE_FLAGS[resource]
+    return f"this machine's; {flag} GB plans another" if resource in available.measured else f"as given by {flag}"
 
 
 def remedies(plan: MemoryPlan, step: str, sizes: ModelSizes, resource: str) -> str:
@@ -142,6 +152,7 @@ def available_memory(out_dir: str | Path = ".", gpus: int | None = None, gpu_gib
     import psutil
 
     out_dir = Path(out_dir)
+    measured = [name for name, given in (("host", host_gib), ("disk", disk_gib)) if given is None]
     host = int(host_gib * GiB) if host_gib is not None else psutil.virtual_memory().available
     if disk_gib is not None:
         disk = int(disk_gib * GiB)
@@ -149,14 +160,16 @@ def available_memory(out_dir: str | Path = ".", gpus: int | None = None, gpu_gib
         existing = next(p for p in [out_dir.resolve(), *out_dir.resolve().parents] if p.exists())
         disk = shutil.disk_usage(existing).free + folder_bytes(out_dir)
     if device in ("cpu", "mps"):
-        return Available(host_bytes=host, disk_bytes=disk, gpus=0)
+        return Available(host_bytes=host, disk_bytes=disk, gpus=0, measured=tuple(measured))
     gpu = int(gpu_gib * GiB) if gpu_gib is not None else None
+    if gpu_gib is None:
+        measured.append("gpu")
     if gpus is None and gpu is None:
         gpus, gpu = cuda_devices()
     elif gpu is None and gpus:
         gpu = cuda_devices()[1]  # None without CUDA: the GPU side is then planned but not checked
     gpus = 1 if gpus is None else gpus
-    return Available(host_bytes=host, gpu_bytes=gpu if gpus else None, disk_bytes=disk, gpus=gpus)
+    return Available(host_bytes=host, gpu_bytes=gpu if gpus else None, disk_bytes=disk, gpus=gpus, measured=tuple(measured))
 
 
 def in_this_run(available: Available) -> Available:

@@ -176,6 +176,7 @@ class Available:
     gpu_bytes: int | None = None  # per GPU
     disk_bytes: int | None = None
     gpus: int = 0
+    measured: tuple[str, ...] = ()  # of "host", "gpu", "disk": read from this machine, not given (--host-memory, ...)
 
     def __post_init__(self) -> None:
         if self.gpus < 0:

@@ -120,13 +120,30 @@ def test_refusal_names_step_need_and_setting():
     plan = checked_plan(sizes, plan_settings("paper", policies=("w4", "gateup")), Available(gpus=1, gpu_bytes=24 * GiB))
     assert not plan.fits
     train = next(p for p in plan.problems if p.startswith("train "))
-    assert "GiB of GPU memory for qwen3-4b" in train and "but 24.0 GiB is available" in train
+    assert "GiB of GPU memory for qwen3-4b" in train and "but 24.0 GiB is available (as given by --gpu-memory)" in train
     assert "--top-k" in train and "\n" not in train
     with pytest.raises(RecoverLoraError, match=r"^synth|^imatrix|^train|^recover|^heldout"):
         plan.check()
     roomy = checked_plan(sizes, plan_settings("paper", {"top_k": 64, "loss_chunk": 1024, "gradient_checkpointing": True}),
                          Available(gpus=1, gpu_bytes=140 * GiB))
     assert roomy.fits, roomy.problems
+
+
+def test_a_refusal_says_whose_numbers_it_used(tmp_path):
+    from recover_lora.devices.memory_check import available_memory
+
+    sizes = model_sizes(load_model_shape("qwen3-4b"))
+    settings = plan_settings("paper", policies=("w4", "gateup"))
+    # This machine's RAM (GPU and disk given): the refusal says so and names the flag that plans another machine.
+    here = available_memory(tmp_path, gpus=1, gpu_gib=80, disk_gib=1000)
+    assert here.measured == ("host",)
+    tight = checked_plan(sizes, settings, replace(here, host_bytes=GiB))
+    host_lines = [p for p in tight.problems if "of host RAM" in p]
+    assert host_lines and all("(this machine's; --host-memory GB plans another)" in p for p in host_lines)
+    # Every number given: no word of this machine.
+    given = available_memory(tmp_path, gpus=1, gpu_gib=80, host_gib=1, disk_gib=1000)
+    assert given.measured == ()
+    assert all("this machine" not in p for p in checked_plan(sizes, settings, given).problems)
 
 
 def refuse_everything(monkeypatch):
@@ -169,7 +186,7 @@ def test_pipeline_refuses_before_any_step(tmp_path, monkeypatch):
     refuse_everything(monkeypatch)
     out = tmp_path / "run"
     config = PipelineConfig(out_dir=out, model=str(STORIES_DIR), preset="smoke", device="cpu")
-    with pytest.raises(RecoverLoraError, match=r"^synth needs .* of host RAM for stories260K .* but 0\.0 GiB is available: "):
+    with pytest.raises(RecoverLoraError, match=r"^synth needs .* of host RAM for stories260K .* but 0\.0 GiB is available \(as given by --host-memory\): "):
         run_pipeline(config)
     assert not out.exists()  # not even the run folder: nothing started
     with pytest.raises(AssertionError, match="a step started"):  # --no-plan-check goes straight to the steps
