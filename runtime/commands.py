@@ -27,15 +27,6 @@ def _model_or_default(model: Optional[Path]) -> Path:
     return model if model is not None else default_model_path()
 
 
-def _on_off_auto(value: str, option: str) -> bool | None:
-    choices = {"auto": None, "on": True, "off": False}
-    if value not in choices:
-        from recover_lora.errors import RecoverLoraError
-
-        raise RecoverLoraError(f"{option} {value!r}: choose auto, on or off")
-    return choices[value]
-
-
 def _load(model, lora, lora_scale, ctx, threads, gpu_layers):
     from recover_lora.runtime.llama import LlamaOptions, describe, load_llama
 
@@ -133,6 +124,7 @@ def bench_command(
 ) -> None:
     """Tokens/s (prompt processing and generation) at several KV-cache depths, with a device fingerprint."""
     from recover_lora.runtime.bench import BenchConfig, Variant, format_table, run_bench
+    from recover_lora.runtime.llama_selftest import parse_setting
     from recover_lora.runtime.records import append_records, default_results_path
 
     variants = [Variant.parse(m) for m in (models or [])] or [Variant(_model_or_default(None))]
@@ -154,7 +146,7 @@ def bench_command(
         flash_attn=flash_attn,
         lora_scale=lora_scale,
         hash_files=hash_files,
-        extra_buffer_types=_on_off_auto(extra_bufts, "--extra-bufts"),
+        extra_buffer_types=parse_setting(extra_bufts, "--extra-bufts"),
     )
     records = run_bench(variants, config, progress=lambda m: typer.echo(m, err=True))
     typer.echo(format_table(records))

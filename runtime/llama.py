@@ -21,9 +21,6 @@ from recover_lora.errors import RecoverLoraError
 from recover_lora.runtime.gguf_check import AdapterSummary, GGUFSummary, check_adapter, check_model_gguf
 
 
-_GGML_TYPE_F32 = 0
-
-
 def default_threads() -> int:
     """CPUs available to this process (affinity-aware where the OS tells us)."""
     if hasattr(os, "sched_getaffinity"):
@@ -156,7 +153,10 @@ def load_llama(
         )
     threads = options.resolved_threads
     extra_bufts = resolved_extra_buffer_types(options)
-    cache = {"type_k": _GGML_TYPE_F32, "type_v": _GGML_TYPE_F32} if options.kv_cache_f32 else {}
+    from gguf import GGMLQuantizationType
+
+    f32 = int(GGMLQuantizationType.F32)
+    cache = {"type_k": f32, "type_v": f32} if options.kv_cache_f32 else {}
     try:
         with model_params_override(use_extra_bufts=extra_bufts):
             llm = llama_cpp.Llama(

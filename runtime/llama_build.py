@@ -100,7 +100,7 @@ def native_macros(cxx: str, march: str = "native") -> list[str]:
 
 
 def has_macro(macros: list[str], name: str) -> bool:
-    return any(line.split()[1] == name for line in macros if len(line.split()) > 1)
+    return any(line.split()[1:2] == [name] for line in macros)
 
 
 def amx_config_survives(cxx: str, source: str = PROBE_SOURCE) -> bool | None:

@@ -34,7 +34,7 @@ from recover_lora.errors import RecoverLoraError
 from recover_lora.runtime.llama_build import cache_root, cpu_flags, installed_build_info
 
 EXTRA_BUFTS_ENV = "RECOVER_LORA_EXTRA_BUFTS"
-SETTINGS = ("auto", "on", "off")
+SETTINGS = {"auto": None, "on": True, "off": False}
 PROMPT = "Once upon a time, in a small village by the sea,"
 N_DECODE = 4
 CHILD_TIMEOUT_S = 300
@@ -61,9 +61,12 @@ class ChildRun:
 
 @dataclass(frozen=True)
 class SelftestOutcome:
-    extra_buffer_types: bool
-    runs: tuple[ChildRun, ...]
+    runs: tuple[ChildRun, ...]  # with extra buffer types, then (if that one failed) without
     key: str
+
+    @property
+    def extra_buffer_types(self) -> bool:
+        return self.runs[0].ok
 
     def notice(self) -> str | None:
         """The one line for stderr when llama.cpp runs, but not as it would by default."""
@@ -77,11 +80,17 @@ class SelftestOutcome:
         )
 
 
-def setting() -> str:
-    value = os.environ.get(EXTRA_BUFTS_ENV, "auto").strip().lower() or "auto"
+def parse_setting(value: str, what: str) -> bool | None:
+    """auto -> None (the self-test decides), on -> True, off -> False; `what` names the flag or variable in the error."""
+    value = value.strip().lower() or "auto"
     if value not in SETTINGS:
-        raise RecoverLoraError(f"{EXTRA_BUFTS_ENV}={value!r} is not one of {', '.join(SETTINGS)}; unset it or choose one")
-    return value
+        raise RecoverLoraError(f"{what}={value!r} is not one of {', '.join(SETTINGS)}; choose one")
+    return SETTINGS[value]
+
+
+def setting() -> bool | None:
+    """RECOVER_LORA_EXTRA_BUFTS, parsed."""
+    return parse_setting(os.environ.get(EXTRA_BUFTS_ENV, "auto"), EXTRA_BUFTS_ENV)
 
 
 def build_key() -> str:
@@ -143,7 +152,7 @@ def selftest(use_cache: bool = True) -> SelftestOutcome:
     if use_cache and path.is_file():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-            return SelftestOutcome(bool(saved["extra_buffer_types"]), tuple(ChildRun(**r) for r in saved["runs"]), key)
+            return SelftestOutcome(tuple(ChildRun(**r) for r in saved["runs"]), key)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable: run it again
     runs = [run_child(True)]
@@ -153,7 +162,7 @@ def selftest(use_cache: bool = True) -> SelftestOutcome:
         runs.append(run_child(False))
     if not runs[-1].ok:
         raise RecoverLoraError(failure_message(tuple(runs)))
-    outcome = SelftestOutcome(runs[0].ok, tuple(runs), key)
+    outcome = SelftestOutcome(tuple(runs), key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"extra_buffer_types": outcome.extra_buffer_types, "runs": [asdict(r) for r in runs]}), encoding="utf-8")
@@ -166,8 +175,8 @@ def extra_buffer_types() -> bool:
     global _decided
     if _decided is None:
         choice = setting()
-        if choice != "auto":
-            _decided = choice == "on"
+        if choice is not None:
+            _decided = choice
         else:
             outcome = selftest()
             notice = outcome.notice()
