@@ -10,7 +10,7 @@ OUT    ?= out
 LLAMA_BUILD := $(shell $(PYTHON) runtime/llama_build.py key 2>/dev/null || echo unknown)
 STAMP  := $(VENV)/.installed-$(LLAMA_BUILD)
 
-.PHONY: install test demo recipes recover-recipes bench bench-export bench-padding bench-extra-bufts bench-memory clean
+.PHONY: install test demo recipes recover-recipes baselines bench bench-export bench-padding bench-extra-bufts bench-memory clean
 
 # torch is installed first and pinned: anything looser would pull several GB of CUDA wheels.
 # llama-cpp-python builds from source once per CPU + compiler (~5 min on 2 cores), kept in
@@ -79,6 +79,27 @@ recover-recipes: $(STAMP)
 	$(RL) merge $(RECIPES)/second-pass --base $(DEMO)/recovered.gguf -o $(RECIPES)/second-pass.gguf --force
 	for v in blocks high-bit-lora naive-gateup-merge second-pass; do $(RL) heldout --base $(RECIPES)/$$v.gguf $(HELDOUT) --json $(RECIPES)/heldout-$$v.json || exit 1; done
 	$(RL) heldout --base $(DEMO)/gateup.gguf --adapter $(RECIPES)/high-bit-lora/adapter $(HELDOUT) --json $(RECIPES)/heldout-high-bit-lora-unmerged.json
+
+# What a user would run instead, side by side with ours and the type search's file (README "Baselines and the
+# type search"): on the default model, llama.cpp's stock presets (the model's own widths, llama.cpp's mix), our
+# padded w4 and gateup, and `recover-lora search` under stock IQ4_XS's bytes and decode rate; all with one importance
+# matrix from 128 x 128 tokens of the teacher's own text (make demo's first 128 samples). Held-out KL on the README's
+# windows, decode interleaved (2 threads, 64 tokens, median of 5, extra buffer types as the self-test decides).
+# About 25 minutes on 2 cores; a rerun keeps the synthetic text. Table in $(BASELINES)/table.md.
+BASELINES ?= $(OUT)/baselines
+STOCK     := Q4_K_M Q3_K_M IQ4_XS IQ4_NL IQ3_M IQ3_XXS Q2_K
+OURS      := w4 gateup searched
+baselines: $(STAMP)
+	mkdir -p $(BASELINES)
+	test -f $(BASELINES)/synth/samples.safetensors || $(RL) synth -o $(BASELINES)/synth --n-samples 128 --seq-len 128 --batch-size 128 --force
+	$(RL) imatrix -o $(BASELINES)/imatrix.gguf --samples $(BASELINES)/synth --pad none --force
+	for p in $(STOCK); do $(RL) export --llama-preset $$p --imatrix $(BASELINES)/imatrix.gguf -o $(BASELINES)/$$p.gguf --force || exit 1; done
+	for p in w4 gateup; do $(RL) export --policy $$p --imatrix $(BASELINES)/imatrix.gguf -o $(BASELINES)/$$p.gguf --force || exit 1; done
+	$(RL) search -o $(BASELINES)/searched.gguf --imatrix $(BASELINES)/imatrix.gguf --samples $(BASELINES)/synth --reference $(BASELINES)/IQ4_XS.gguf --json $(BASELINES)/search.json --force
+	for f in $(OURS) $(STOCK); do $(RL) heldout --base $(BASELINES)/$$f.gguf $(HELDOUT) --json $(BASELINES)/heldout-$$f.json || exit 1; done
+	rm -f $(BASELINES)/bench.jsonl
+	$(RL) bench $(foreach f,$(OURS) $(STOCK),$(BASELINES)/$(f).gguf) --compare -d 0 -r 5 --n-gen 64 -t 2 -o $(BASELINES)/bench.jsonl
+	$(RL) pareto $(foreach f,$(OURS) $(STOCK),$(BASELINES)/$(f).gguf) $(foreach f,$(OURS) $(STOCK),--heldout $(BASELINES)/heldout-$(f).json) --bench $(BASELINES)/bench.jsonl -o $(BASELINES)/table.md
 
 bench: bench-export bench-padding bench-extra-bufts
 

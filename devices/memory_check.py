@@ -246,10 +246,10 @@ def format_plan(plan: MemoryPlan, sizes: ModelSizes) -> str:
     lines = [f"{plan.model}: {c.model_type}, {c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}; "
              f"preset {plan.settings.preset} ({', '.join(knobs)})",
              f"{where}; available: {have or 'not known'}", "",
-             f"{'step':<8} {'host GiB':>9} {'GPU GiB':>8} {'disk GiB':>9}  largest parts"]
+             f"{'step':<9} {'host GiB':>9} {'GPU GiB':>8} {'disk GiB':>9}  largest parts"]
     for s in plan.steps:
         parts = s.gpu if s.gpu_bytes and a.gpus else s.host
-        lines.append(f"{s.step:<8} {_gib(s.host_bytes):>9} {_gib(s.gpu_bytes) if s.gpu_bytes else '-':>8} "
+        lines.append(f"{s.step:<9} {_gib(s.host_bytes):>9} {_gib(s.gpu_bytes) if s.gpu_bytes else '-':>8} "
                      f"{_gib(s.disk_bytes):>9}  {_parts_text(parts, 3)}")
     lines.append("")
     lines += [f"does not fit: {p}" for p in plan.problems] or ["fits"]

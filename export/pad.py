@@ -24,7 +24,8 @@ import numpy as np
 
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.archs.base import FF, HEAD_DIM, HIDDEN, KV_HEADS, Q_HEADS, VOCAB
-from recover_lora.export.model import LazyTensors, ModelConfig, ModelWeights
+from recover_lora.export.imatrix_file import ImportanceMatrix
+from recover_lora.export.model import LazyTensors, ModelConfig, ModelWeights, hf_name
 
 K_QUANT_BLOCK = 256  # QK_K in ggml-common.h
 # llama.cpp normalises q/k per head with the same epsilon as the hidden-width norms, so rescaling
@@ -194,3 +195,20 @@ def pad_model(weights: ModelWeights, multiple: int = K_QUANT_BLOCK) -> ModelWeig
 
     tensors = weights.tensors if isinstance(weights.tensors, LazyTensors) else LazyTensors.from_arrays(weights.tensors)
     return replace(weights, config=new, tensors=tensors.map(pad), unpadded=unpadded)
+
+
+def pad_imatrix(matrix: ImportanceMatrix, old: ModelConfig, new: ModelConfig) -> ImportanceMatrix:
+    """An importance matrix of the unpadded model, as the padded one sees it: every column where padding
+    put it, zeros in the padded columns (they only ever see zero activations; the export exactness above)."""
+    sums = {}
+    for name, values in matrix.sums.items():
+        positions, length = _axis_positions(old.arch.tensor_axes(hf_name(name, old))[-1], old, new)
+        if values.shape[0] != positions.shape[0]:
+            raise RecoverLoraError(
+                f"the importance matrix gives {name} {values.shape[0]} columns but the unpadded model has {positions.shape[0]}: "
+                "it was made for another model"
+            )
+        padded = np.zeros(length, dtype=np.float32)
+        padded[positions] = values
+        sums[name] = padded
+    return replace(matrix, sums=sums, counts=dict(matrix.counts))

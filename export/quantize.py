@@ -29,8 +29,8 @@ from recover_lora.export.archs.base import ROPE_FREQS
 from recover_lora.export.gguf_header import read_gguf_header
 from recover_lora.export.imatrix_file import ImportanceMatrix, imatrix_for_quantizer, read_imatrix
 from recover_lora.export.llama_load import llama_cpp_load_check, llama_cpp_log_to
-from recover_lora.export.model import LazyTensors, ModelWeights, gguf_name
-from recover_lora.export.pad import K_QUANT_BLOCK, misaligned_tensors, needs_padding, pad_model
+from recover_lora.export.model import LazyTensors, ModelConfig, ModelWeights, gguf_name
+from recover_lora.export.pad import K_QUANT_BLOCK, misaligned_tensors, needs_padding, pad_imatrix, pad_model
 from recover_lora.export.policy import Policy, is_quantizable
 from recover_lora.fileio import atomic_output, check_output
 
@@ -65,30 +65,41 @@ def plan_types(weights: ModelWeights, policy: Policy, pad: str) -> tuple[ModelWe
     return weights, types
 
 
+def imatrix_for_padding(matrix: ImportanceMatrix, unpadded: ModelConfig, padded: ModelConfig) -> ImportanceMatrix:
+    """A matrix of the model's own widths is padded to the export's (one matrix serves padded and unpadded
+    files); one already of the padded widths is kept. Anything else is refused later, by name."""
+    own_widths = {name: shape[-1] for name, shape in unpadded.arch.gguf_tensor_shapes(unpadded).items()}
+    if all(own_widths.get(name) == width for name, width in matrix.widths().items()):
+        return pad_imatrix(matrix, unpadded, padded)
+    return matrix
+
+
 def llama_cpp_quantize(
     src: Path, dst: Path, types: dict[str, gguf.GGMLQuantizationType], threads: int | None = None, log_path: Path | None = None,
-    imatrix: dict[str, "np.ndarray"] | None = None,
+    imatrix: dict[str, "np.ndarray"] | None = None, file_type: gguf.LlamaFileType = gguf.LlamaFileType.MOSTLY_Q4_K_M,
 ) -> None:
     """Run llama.cpp's quantizer with one anchored override per tensor.
 
+    With overrides, `file_type` only names the file; with `types` empty, it is llama.cpp's own preset
+    (llama-quantize's ftype: its per-tensor mix and fallbacks, `export.llama_presets`).
     Its log (a line per tensor) goes to `log_path` (default: beside `dst`), which is kept only if it fails.
     `imatrix`: tensor name -> mean squared input per column (`export.imatrix_file.quantizer_weights`).
     """
     import llama_cpp
 
-    overrides = (llama_cpp.llama_model_tensor_override * (len(types) + 1))()
-    patterns = [f"^{re.escape(name)}$".encode() for name in types]  # kept alive for the C call
-    for i, (pattern, ggml_type) in enumerate(zip(patterns, types.values())):
-        overrides[i].pattern = pattern
-        overrides[i].type = int(ggml_type)
-    overrides[len(types)].pattern = None  # NULL-pattern terminated
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads or os.cpu_count() or 1
-    # The base ftype only names the file; every tensor's type comes from the overrides.
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.ftype = int(file_type)
     params.allow_requantize = True
     params.pure = False  # overrides are ignored in pure mode
-    params.tt_overrides = overrides
+    if types:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(types) + 1))()
+        patterns = [f"^{re.escape(name)}$".encode() for name in types]  # kept alive for the C call
+        for i, (pattern, ggml_type) in enumerate(zip(patterns, types.values())):
+            overrides[i].pattern = pattern
+            overrides[i].type = int(ggml_type)
+        overrides[len(types)].pattern = None  # NULL-pattern terminated
+        params.tt_overrides = overrides
     if imatrix:  # NULL-name terminated array of llama_model_imatrix_data{name, data, size} (llama.h)
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         names = [name.encode() for name in imatrix]  # kept alive for the C call, like the arrays
@@ -181,6 +192,8 @@ def export_model(
     matrix = read_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix  # a bad file fails before any work
     weights = random_model(source) if random_weights else load_model(source)
     padded_weights, types = plan_types(weights, policy, pad)
+    if matrix is not None and padded_weights is not weights:
+        matrix = imatrix_for_padding(matrix, weights.config, padded_weights.config)
     if deltas:
         padded_weights = with_deltas(padded_weights, deltas)
     shapes = padded_weights.config.arch.gguf_tensor_shapes(padded_weights.config)

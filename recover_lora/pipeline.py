@@ -5,6 +5,9 @@ Steps (each a call into its stage's own function; this module only orders them):
   imatrix  -> imatrix.gguf (Σx² per input column, from synth/)     recovery.imatrix.compute_imatrix
   export   -> w4.gguf, gateup.gguf (+ optional policies)          export.quantize.export_model (--imatrix),
                                                                    then recovery.gptq.refine_codes (Q2_K codes)
+  baselines-> baselines/<PRESET>.gguf (llama.cpp's stock presets)  export.llama_presets.export_llama_preset
+  search   -> searched.gguf, search.json (types and padding        export.type_search.search_types
+              chosen under the reference preset's bytes and decode)
   train    -> train/ (peft adapter + adapter.gguf)                 recovery.distill.train
   recover  -> recover/, recovered.gguf (one file, gateup's types)  recovery.distill.train + recovery.merge.merge_run
   heldout  -> heldout.json (KL / perplexity on unseen text)        recovery.heldout.heldout_report
@@ -37,7 +40,7 @@ from recover_lora.fileio import atomic_output, load_hash_cache, save_hash_cache,
 from recover_lora.presets import get_preset
 
 # synth needs only the teacher, so it comes first: its text feeds the importance matrix of the exports.
-STEPS = ("synth", "imatrix", "export", "train", "recover", "heldout", "eval", "bench", "report")
+STEPS = ("synth", "imatrix", "export", "baselines", "search", "train", "recover", "heldout", "eval", "bench", "report")
 MANIFEST_FILE = "pipeline.json"
 MANIFEST_VERSION = 1
 HASH_CACHE_FILE = "file_hashes.json"
@@ -45,7 +48,10 @@ HASH_CACHE_FILE = "file_hashes.json"
 
 # The part each variant (Pipeline._variant_files) plays in the report: runtime.compare's teacher,
 # quantized and recovered (the one-file model), the unmerged adapter, and the baseline that speeds are compared to.
-ROLES = {"teacher": "teacher", "baseline": "w4", "quantized": "gateup", "adapter": "gateup+adapter", "recovered": "recovered"}
+ROLES = {"teacher": "teacher", "baseline": "w4", "quantized": "gateup", "adapter": "gateup+adapter", "recovered": "recovered",
+         "searched": "searched"}
+# The label of a stock-preset baseline in every table (heldout.json rows, bench records, the Pareto table).
+BASELINE_LABEL = "llama.cpp {preset}"
 
 
 @dataclass
@@ -129,6 +135,13 @@ class Manifest:
         return record is not None and record.inputs_digest == digest and self.hashes(outputs) == record.outputs
 
 
+def _size_summary(summary) -> dict:
+    """What the report tells of a file: bytes, bits per weight over the model's own parameters (the padded count beside)."""
+    return {"file_bytes": summary.file_bytes, "linear_bpw": summary.linear_bits_per_weight, "file_bpw": summary.file_bits_per_weight,
+            "padded_file_bpw": summary.padded_file_bits_per_weight, "model_parameters": summary.model_parameters,
+            "types": summary.count_by_type()}
+
+
 def digest_of(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -154,6 +167,9 @@ class Pipeline:
             "train": self.out / "train",
             "recover": self.out / "recover",
             "recovered": self.out / "recovered.gguf",
+            "baselines": self.out / "baselines",
+            "searched": self.out / "searched.gguf",
+            "search": self.out / "search.json",
             "heldout": self.out / "heldout.json",
             "eval": self.out / "eval",
             "bench": self.out / "bench.jsonl",
@@ -228,13 +244,60 @@ class Pipeline:
                              imatrix=self.path["imatrix"])
                 if gptq:
                     self._gptq_codes(self.path[policy])
-                summary = summarize_gguf(self.path[policy])
-                sizes[policy] = {"file_bytes": summary.file_bytes, "linear_bpw": summary.linear_bits_per_weight,
-                                 "file_bpw": summary.file_bits_per_weight, "types": summary.count_by_type()}
+                sizes[policy] = _size_summary(summarize_gguf(self.path[policy]))
             line = ", ".join(f"{p} {s['file_bytes'] / 2**20:.1f} MiB ({s['linear_bpw']:.2f} bpw linear)" for p, s in sizes.items())
             return {"line": line, "files": sizes}
 
         return self._step("export", inputs, outputs, action)
+
+    def baseline_files(self) -> dict[str, Path]:
+        """Label -> file of each stock-preset baseline."""
+        return {BASELINE_LABEL.format(preset=p): self.path["baselines"] / f"{p}.gguf" for p in self.preset.baseline_presets}
+
+    def baselines(self) -> dict:
+        from recover_lora.export.gguf_info import summarize_gguf
+        from recover_lora.export.llama_presets import export_llama_preset
+
+        outputs = list(self.baseline_files().values())
+        inputs = {"source": self._source_identity(), "presets": self.preset.baseline_presets, **self._hash(self.path["imatrix"])}
+
+        def action() -> dict:
+            self.path["baselines"].mkdir(exist_ok=True)
+            sizes = {}
+            for preset, path in zip(self.preset.baseline_presets, outputs):
+                # What a user makes with llama-quantize: the model's own widths, the preset's own mix, our importance matrix.
+                export_llama_preset(self.config.model, path, preset, imatrix=self.path["imatrix"], threads=self.config.threads, force=True)
+                sizes[preset] = _size_summary(summarize_gguf(path))
+            return {"line": ", ".join(f"{p} {s['file_bytes'] / 2**20:.1f} MiB ({s['file_bpw']:.2f} bpw)" for p, s in sizes.items()),
+                    "files": sizes}
+
+        return self._step("baselines", inputs, outputs, action)
+
+    def search(self) -> dict:
+        from recover_lora.export.gguf_info import summarize_gguf
+        from recover_lora.export.type_search import search_types, write_search_json
+        from recover_lora.recovery.distill import pick_device
+
+        outputs = [self.path["searched"], self.path["search"]]
+        reference = self.path["baselines"] / f"{self.preset.search_reference}.gguf"
+        settings = {"reference": self.preset.search_reference, "samples": self.preset.search_samples, "seed": self.config.seed}
+        inputs = {"source": self._source_identity(), "settings": settings,
+                  **self._hash(self.path["imatrix"], reference, self.path["synth"] / "samples.safetensors")}
+
+        def action() -> dict:
+            result = search_types(self.config.model, self.path["searched"], self.path["imatrix"], samples=self.path["synth"],
+                                  reference=reference, max_samples=self.preset.search_samples, seq_len=None,
+                                  threads=self.config.threads, device=str(pick_device(self.config.device)), force=True,
+                                  progress=lambda m: say(f"[search] {m}"))
+            write_search_json(result, self.path["search"])
+            size = _size_summary(summarize_gguf(self.path["searched"]))
+            return {"line": f"pad {result.pad}, {size['file_bytes'] / 2**20:.1f} MiB ({size['file_bpw']:.2f} bpw) under "
+                            f"{self.preset.search_reference}'s {result.max_bytes / 2**20:.1f} MiB, predicted KL {result.predicted_kl:.4f}, "
+                            f"predicted decode {result.predicted_decode_ratio:.2f} x {self.preset.search_reference}",
+                    "pad": result.pad, "predicted_kl": result.predicted_kl, "predicted_decode_ratio": result.predicted_decode_ratio,
+                    "file": size, "seconds": result.seconds}
+
+        return self._step("search", inputs, outputs, action)
 
     def _gptq_codes(self, path: Path) -> None:
         """Replace a file's Q2_K codes by GPTQ's (recovery/gptq.py); a file without Q2_K is left as it is."""
@@ -254,11 +317,13 @@ class Pipeline:
         from recover_lora.recovery.imatrix import compute_imatrix
 
         outputs = [self.path["imatrix"]]
-        inputs = {"samples": self.preset.imatrix_samples, **self._hash(self.path["synth"] / "samples.safetensors")}
+        # The model's own widths: the stock baselines and the search take it as it is, padded exports pad it themselves.
+        inputs = {"samples": self.preset.imatrix_samples, "pad": "none", **self._hash(self.path["synth"] / "samples.safetensors")}
 
         def action() -> dict:
             matrix = compute_imatrix(self.config.model, self.path["imatrix"], samples=self.path["synth"],
-                                     max_samples=self.preset.imatrix_samples, device=str(pick_device(self.config.device)), force=True)
+                                     max_samples=self.preset.imatrix_samples, pad="none", device=str(pick_device(self.config.device)),
+                                     force=True)
             tokens = max(matrix.counts.values())
             return {"line": f"{len(matrix.sums)} tensors, {tokens} tokens of the teacher's own text", "tokens": tokens}
 
@@ -333,30 +398,36 @@ class Pipeline:
 
         outputs = [self.path["heldout"]]
         adapter_dir = self.path["train"] / "adapter"
+        # Every deployable file but the adapter run: ours, then the stock baselines a user would make instead.
+        files = {"w4": self.path["w4"], "recovered": self.path["recovered"], "searched": self.path["searched"], **self.baseline_files()}
         inputs = {"tokens": self.preset.heldout_tokens,
-                  **self._hash(self.path["w4"], self.path["gateup"], adapter_dir / "adapter_model.safetensors", self.path["recovered"])}
+                  **self._hash(self.path["gateup"], adapter_dir / "adapter_model.safetensors", *files.values())}
 
         def action() -> dict:
             common = dict(teacher_source=self.config.model, max_tokens=self.preset.heldout_tokens, device=self.config.device)
             gateup = heldout_report(self.path["gateup"], adapter_dir, **common)
-            w4 = heldout_report(self.path["w4"], None, **common)
-            recovered = heldout_report(self.path["recovered"], None, **common)
-            gateup_rows, w4_rows, recovered_rows = ({row["model"]: row for row in report["rows"]} for report in (gateup, w4, recovered))
-            rows = {"teacher": gateup_rows[TEACHER_ROW], "w4": w4_rows[STUDENT_ROW], "gateup": gateup_rows[STUDENT_ROW],
-                    "gateup+adapter": gateup_rows[ADAPTER_ROW], "recovered": recovered_rows[STUDENT_ROW]}
+            gateup_rows = {row["model"]: row for row in gateup["rows"]}
+            rows = {"teacher": gateup_rows[TEACHER_ROW], "gateup": gateup_rows[STUDENT_ROW], "gateup+adapter": gateup_rows[ADAPTER_ROW]}
+            for label, path in files.items():
+                rows[label] = {row["model"]: row for row in heldout_report(path, None, **common)["rows"]}[STUDENT_ROW]
+            order = ["teacher", "w4", "gateup", "gateup+adapter", "recovered", "searched", *self.baseline_files()]
+            rows = {label: rows[label] for label in order}
             report = {"text": gateup["text"], "windows": gateup["windows"], "window": gateup["window"], "rows": rows}
             with atomic_output(self.path["heldout"], force=True) as tmp:
                 tmp.write_text(json.dumps(report, indent=2))
-            kl = {k: rows[k]["kl_to_teacher"] for k in ("gateup", "gateup+adapter", "recovered")}
+            kl = {k: rows[k]["kl_to_teacher"] for k in ("gateup", "gateup+adapter", "recovered", "searched")}
+            reference = BASELINE_LABEL.format(preset=self.preset.search_reference)
             return {"line": f"KL to teacher: gateup {kl['gateup']:.3f}, with the adapter {kl['gateup+adapter']:.3f}, "
-                            f"recovered (one file) {kl['recovered']:.3f}", "rows": rows}
+                            f"recovered (one file) {kl['recovered']:.3f}, searched {kl['searched']:.3f} "
+                            f"({reference} {rows[reference]['kl_to_teacher']:.3f})", "rows": rows}
 
         return self._step("heldout", inputs, outputs, action)
 
     def _variant_files(self) -> dict[str, tuple[Path | None, Path | None]]:
         adapter = self.path["train"] / "adapter.gguf"
         return {"teacher": (None, None), "w4": (self.path["w4"], None), "gateup": (self.path["gateup"], None),
-                "gateup+adapter": (self.path["gateup"], adapter), "recovered": (self.path["recovered"], None)}
+                "gateup+adapter": (self.path["gateup"], adapter), "recovered": (self.path["recovered"], None),
+                "searched": (self.path["searched"], None)}
 
     def eval(self) -> dict:
         from recover_lora.runtime.evaluate import EvalSettings, finished_results, run_eval
@@ -398,6 +469,7 @@ class Pipeline:
 
         outputs = [self.path["bench"], self.path["host"], self.path["roofline"]]
         variants = {label: files for label, files in self._variant_files().items() if label != "teacher"}
+        variants |= {label: (path, None) for label, path in self.baseline_files().items()}
         settings = {"depths": self.preset.bench_depths, "repeats": self.preset.bench_repeats,
                     "n_gen": self.preset.bench_n_gen, "threads": self.config.threads, "contexts": self.preset.roofline_contexts,
                     "matvec_layers": self.preset.matvec_layers, "attention_layers": self.preset.attention_layers}
@@ -441,6 +513,7 @@ class Pipeline:
         outputs = [self.out / "report.md", self.out / "report.html"]
         sources = [self.path["heldout"], self.path["bench"], self.path["roofline"]]
         sources += [self.path["eval"] / f"{label}.json" for label in self._variant_files()]
+        sources += [self.path["searched"], self.path["search"], *self.baseline_files().values()]
         inputs = {**self._hash(*sources, *[self.path[p] for p in self.config.policies]), "commands": commands}
 
         def action() -> dict:
@@ -456,8 +529,9 @@ class Pipeline:
 
         variants = {label: {"model": relative(model), "lora": relative(lora), "eval": relative(self.path["eval"] / f"{label}.json")}
                     for label, (model, lora) in self._variant_files().items()}
+        baselines = {label: relative(path) for label, path in self.baseline_files().items()}
         return {"preset": self.config.preset, "model": self.config.model or "default", "commands": commands,
-                "variants": variants, "roles": ROLES, "files": {name: relative(path) for name, path in self.path.items()},
+                "variants": variants, "baselines": baselines, "search_reference": BASELINE_LABEL.format(preset=self.preset.search_reference), "roles": ROLES, "files": {name: relative(path) for name, path in self.path.items()},
                 **self.environment()}
 
     def environment(self) -> dict:
@@ -489,6 +563,8 @@ def run_pipeline(config: PipelineConfig, commands: list[str] | None = None) -> P
     pipeline.synth()
     pipeline.imatrix()
     pipeline.export()
+    pipeline.baselines()
+    pipeline.search()
     pipeline.train()
     pipeline.recover()
     pipeline.heldout()

@@ -96,6 +96,13 @@ class Preset:
     # (recovery/gptq.py): same bytes and speed. Measured on the default model (README "GPTQ codes"):
     # gateup's held-out KL 0.412 -> 0.354 with no training.
     gptq_codes: bool = True
+    # llama.cpp's stock presets made as baselines (`baselines` step: the model's own widths, the run's importance
+    # matrix, no overrides), and the one whose bytes and decode rate cap the type search (`search` step).
+    baseline_presets: tuple[str, ...] = ("Q4_K_M", "Q3_K_M", "IQ4_XS", "IQ4_NL", "IQ3_M", "IQ3_XXS", "Q2_K")
+    search_reference: str = "IQ4_XS"
+    # Calibration windows (the first synthetic samples) of the search's Fisher diagonal (README "Type search" sets
+    # its predicted KL beside the held-out one).
+    search_samples: int = 32
     # Rate of the Q2_K block scales in the `recover` step. Measured on the default model (README "One file"):
     # 1e-3 is stable; 3e-3 drifted upwards and 1e-2 diverged within the cpu-demo schedule.
     recover_block_scales_lr: float = 1e-3
@@ -108,13 +115,15 @@ class Preset:
 
     def __post_init__(self) -> None:
         positive = ("synth_samples", "synth_seq_len", "synth_batch_size", "heldout_tokens", "bench_repeats", "bench_n_gen",
-                    "probe_array_mib", "imatrix_samples", "recover_block_scales_lr")
+                    "probe_array_mib", "imatrix_samples", "recover_block_scales_lr", "search_samples")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise RecoverLoraError(f"preset {self.name}: {name}={getattr(self, name)} must be > 0")
         for name in ("matvec_layers", "attention_layers"):
             if getattr(self, name) < 0:
                 raise RecoverLoraError(f"preset {self.name}: {name}={getattr(self, name)} must be >= 0 (0 skips that probe)")
+        if self.search_reference not in self.baseline_presets:
+            raise RecoverLoraError(f"preset {self.name}: search_reference {self.search_reference!r} must be one of its baseline_presets")
         if self.eval_limit is not None and self.eval_limit <= 0:
             raise RecoverLoraError(f"preset {self.name}: eval_limit={self.eval_limit} must be > 0 or None (all documents)")
         for name in ("bench_depths", "roofline_contexts"):
@@ -162,6 +171,7 @@ PRESETS: dict[str, Preset] = {
         heldout_tokens=512, eval_tasks="quick3", eval_limit=4,
         bench_depths=(0,), bench_repeats=1, bench_n_gen=4, roofline_contexts=(0, 256),
         probe_array_mib=16, matvec_layers=0, attention_layers=0, imatrix_samples=4,
+        baseline_presets=("Q4_K_M", "IQ4_XS"), search_samples=4,
     ),
 }
 

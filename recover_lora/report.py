@@ -55,8 +55,9 @@ def heldout_section(heldout: dict, roles: dict[str, str]) -> list[str]:
 
 
 def pareto_rows(variants: dict, heldout_rows: dict, comparison, speed: list[dict], out: Path) -> dict[str, dict]:
-    """Per deployable variant: bytes on disk (model + adapter), held-out KL and perplexity, average accuracy,
-    decode tok/s at the shallowest benchmarked depth. The teacher is the reference, not a candidate."""
+    """Per deployable variant (ours and the stock baselines): bytes on disk (model + adapter), held-out KL and
+    perplexity, average accuracy (where evaluated), decode tok/s at the shallowest benchmarked depth. The teacher
+    is the reference, not a candidate."""
     averages = {label: score.value for label, score in comparison.average.scores.items()} if comparison.average else {}
     depth = min((row["depth"] for row in speed), default=None)
     decode = {row["label"]: row["tg_median"] for row in speed if row["depth"] == depth}
@@ -117,11 +118,41 @@ def plot_pareto(rows: dict[str, dict], out_path: Path) -> None:
     _save(fig, out_path)
 
 
-def files_section(export_summary: dict) -> list[str]:
-    lines = ["| file | size (MiB) | bits/weight, linear layers | bits/weight, whole file | tensor types |", "|---|---:|---:|---:|---|"]
-    for policy, info in export_summary["files"].items():
+def files_section(files: dict[str, dict]) -> list[str]:
+    """One row per file: bits per weight over the model's own parameters; a padded file's bits per stored weight beside."""
+    any_info = next(iter(files.values()))
+    lines = [f"Bits per weight are over the model's own {any_info['model_parameters']:,} parameters; a padded file also "
+             "stores zeros, and its bits per *stored* weight (what earlier reports printed) stand beside.", "",
+             "| file | size (MiB) | bits/weight, linear layers | bits/weight, whole file | padded: per stored weight | tensor types |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name, info in files.items():
         types = ", ".join(f"{k} ×{v}" for k, v in sorted(info["types"].items()))
-        lines.append(f"| {policy}.gguf | {info['file_bytes'] / 2**20:.1f} | {info['linear_bpw']:.3f} | {info['file_bpw']:.3f} | {types} |")
+        padded = "—" if info.get("padded_file_bpw") is None else f"{info['padded_file_bpw']:.3f}"
+        lines.append(f"| {name} | {info['file_bytes'] / 2**20:.1f} | {info['linear_bpw']:.3f} | {info['file_bpw']:.3f} | {padded} | {types} |")
+    return lines
+
+
+def search_section(search: dict, heldout_rows: dict, speed: list[dict], reference: str) -> list[str]:
+    """What the type search chose, and its predictions beside what the held-out text and the bench measured."""
+    depth = min((row["depth"] for row in speed), default=None)
+    decode = {row["label"]: row["tg_median"] for row in speed if row["depth"] == depth}
+    measured_ratio = decode["searched"] / decode[reference] if decode.get("searched") and decode.get(reference) else None
+    plans = "; ".join(f"pad {p['pad']}: {'fits' if p['feasible'] else 'does not fit'}, predicted KL {p['predicted_kl']:.4f}"
+                      for p in search["plans"])
+    counts: dict[str, int] = {}
+    for type_name in search["types"].values():
+        counts[type_name] = counts.get(type_name, 0) + 1
+    lines = [
+        f"`recover-lora search` chose every tensor's type and the padding under {reference}'s bytes "
+        f"({search['max_bytes'] / 2**20:.1f} MiB) and predicted decode rate: **pad {search['pad']}**, "
+        + ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda item: -item[1]))
+        + f" ({search['file_bytes'] / 2**20:.1f} MiB, {search['seconds'] / 60:.1f} min). Best plan per padding choice: {plans}.",
+        "",
+        f"- Predicted KL (½ Σ F ΔW², the teacher's Fisher diagonal) {search['predicted_kl']:.4f}; held-out KL "
+        f"{heldout_rows['searched']['kl_to_teacher']:.4f} ({reference}: {heldout_rows[reference]['kl_to_teacher']:.4f}).",
+        f"- Predicted decode {search['predicted_decode_ratio']:.2f} × {reference} (llama.cpp's measured rate of each type on this "
+        f"machine); measured {'—' if measured_ratio is None else f'{measured_ratio:.2f} ×'} at depth {depth}.",
+    ]
     return lines
 
 
@@ -281,7 +312,9 @@ def write_report(out_dir: str | os.PathLike) -> Path:
     plot_accuracy(comparison, out / ACCURACY_PLOT)
     plot_speed(rows, roofline, out / SPEED_PLOT)
     heldout = json.loads((out / files["heldout"]).read_text())
-    pareto = pareto_rows(variants, heldout["rows"], comparison, rows, out)
+    baselines = {label: {"model": path, "lora": None} for label, path in meta.get("baselines", {}).items()}
+    pareto = pareto_rows({**variants, **baselines}, heldout["rows"], comparison, rows, out)
+    search = json.loads((out / files["search"]).read_text())
     plot_pareto(pareto, out / PARETO_PLOT)
     device = records[0]["device"]
     eval_any = json.loads((out / variants[roles["quantized"]]["eval"]).read_text())
@@ -291,6 +324,9 @@ def write_report(out_dir: str | os.PathLike) -> Path:
     total_seconds = sum(record["seconds"] for record in timed.values())
     step_times = ", ".join(f"{name} {record['seconds']:.0f} s" for name, record in timed.items())
     export_summary, train_summary = steps["export"]["summary"], steps["train"]["summary"]
+    file_sizes = {f"{policy}.gguf": info for policy, info in export_summary["files"].items()}
+    file_sizes[files["searched"]] = steps["search"]["summary"]["file"]
+    file_sizes |= {f"{files['baselines']}/{preset}.gguf": info for preset, info in steps["baselines"]["summary"]["files"].items()}
     adapter = out / variants[roles["adapter"]]["lora"]
     recover_summary = steps.get("recover", {}).get("summary", {})
     lines = [
@@ -324,7 +360,14 @@ def write_report(out_dir: str | os.PathLike) -> Path:
         "",
         f"![tokens/s vs context]({SPEED_PLOT})",
         "",
+        "## Type search",
+        "",
+        *search_section(search, heldout["rows"], rows, meta["search_reference"]),
+        "",
         "## Which variant to deploy",
+        "",
+        "The stock presets are llama.cpp's own (`recover-lora export --llama-preset P`: the model's own widths, llama.cpp's "
+        "per-tensor mix and fallbacks, this run's importance matrix): what a user makes without us.",
         "",
         *pareto_section(pareto),
         "",
@@ -332,7 +375,7 @@ def write_report(out_dir: str | os.PathLike) -> Path:
         "",
         "## Files",
         "",
-        *files_section(export_summary),
+        *files_section(file_sizes),
         "",
         f"Adapter: `{adapter.relative_to(out)}`, {adapter.stat().st_size / 2**20:.2f} MiB, "
         f"LoRA on {len(train_summary.get('targets', []))} tensors, {train_summary.get('steps')} training steps.",

@@ -49,6 +49,44 @@ def importance_matrix(stats: dict, config: ModelConfig, datasets: list[str], chu
     return ImportanceMatrix(sums, counts, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size)
 
 
+def calibration_windows(
+    source: str | Path | None, samples: str | Path | None, text: str | Path | None, max_samples: int | None = None,
+    seq_len: int | None = None, max_tokens: int = 65536, batch_size: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The calibration tokens of `imatrix` and `search`: (token ids [n, seq], counted positions, where they came from).
+
+    From a `recover-lora synth` folder (positions after a sample's end are not counted) or a text / JSONL file
+    (tokenized with the teacher's tokenizer, cut into windows of `seq_len`, default 512).
+    """
+    from recover_lora.recovery.activations import counted_positions
+
+    if (samples is None) == (text is None):
+        raise RecoverLoraError("give exactly one input: --samples DIR (from `recover-lora synth`) or --text FILE (.txt or .jsonl)")
+    for name, value in (("max-samples", max_samples), ("seq-len", seq_len), ("max-tokens", max_tokens), ("batch-size", batch_size)):
+        if value is not None and value <= 0:
+            raise RecoverLoraError(f"--{name}={value} must be > 0")
+    if samples is not None:
+        from recover_lora.recovery.samples import load_samples
+
+        loaded = load_samples(samples)
+        ids, counted = loaded.input_ids, counted_positions(loaded.loss_mask)
+        dataset = str(samples)
+    else:
+        from recover_lora.export.sources import default_model_path
+        from recover_lora.recovery.teacher_source import load_hf_tokenizer
+        from recover_lora.recovery.text_data import text_windows
+
+        tokenizer = load_hf_tokenizer(Path(source) if source is not None else default_model_path())
+        ids = text_windows(Path(text), lambda document: tokenizer(document)["input_ids"], seq_len or 512, max_tokens, knob="--seq-len")
+        counted = torch.ones_like(ids, dtype=torch.bool)
+        dataset = str(text)
+    if seq_len is not None:
+        ids, counted = ids[:, :seq_len], counted[:, :seq_len]
+    if max_samples is not None:
+        ids, counted = ids[:max_samples], counted[:max_samples]
+    return ids, counted, dataset
+
+
 def compute_imatrix(
     source: str | Path | None,
     out: str | Path,
@@ -77,33 +115,10 @@ def compute_imatrix(
     Example:
         compute_imatrix(None, "imatrix.gguf", samples="runs/synth", max_samples=128)
     """
-    from recover_lora.recovery.activations import collect_activation_stats, counted_positions, token_batches
+    from recover_lora.recovery.activations import collect_activation_stats, token_batches
 
-    if (samples is None) == (text is None):
-        raise RecoverLoraError("give exactly one input: --samples DIR (from `recover-lora synth`) or --text FILE (.txt or .jsonl)")
-    for name, value in (("max-samples", max_samples), ("seq-len", seq_len), ("max-tokens", max_tokens), ("batch-size", batch_size)):
-        if value is not None and value <= 0:
-            raise RecoverLoraError(f"--{name}={value} must be > 0")
     out = check_output(out, force)
-    if samples is not None:
-        from recover_lora.recovery.samples import load_samples
-
-        loaded = load_samples(samples)
-        ids, counted = loaded.input_ids, counted_positions(loaded.loss_mask)
-        dataset = str(samples)
-    else:
-        from recover_lora.export.sources import default_model_path
-        from recover_lora.recovery.teacher_source import load_hf_tokenizer
-        from recover_lora.recovery.text_data import text_windows
-
-        tokenizer = load_hf_tokenizer(Path(source) if source is not None else default_model_path())
-        ids = text_windows(Path(text), lambda document: tokenizer(document)["input_ids"], seq_len or 512, max_tokens, knob="--seq-len")
-        counted = torch.ones_like(ids, dtype=torch.bool)
-        dataset = str(text)
-    if seq_len is not None:
-        ids, counted = ids[:, :seq_len], counted[:, :seq_len]
-    if max_samples is not None:
-        ids, counted = ids[:max_samples], counted[:max_samples]
+    ids, counted, dataset = calibration_windows(source, samples, text, max_samples, seq_len, max_tokens, batch_size)
     model, config = padded_teacher(source, pad, device=device)
     if int(ids.max()) >= config.vocab_size:
         raise RecoverLoraError(f"the tokens reach id {int(ids.max())} but the teacher's vocabulary has {config.vocab_size}: they come from another model")

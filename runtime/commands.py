@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
     app.command("compare")(compare_command)
     app.command("selftest")(selftest_command)
+    app.command("pareto")(pareto_command)
 
 
 def _model_or_default(model: Optional[Path]) -> Path:
@@ -245,3 +246,29 @@ def selftest_command() -> None:
     device = device_fingerprint(extra_buffer_types=outcome.extra_buffer_types)
     typer.echo(f"CPU: {device['cpu_model']} ({' '.join(device['cpu_isa']) or 'no SIMD flags listed'})")
     typer.echo(f"models load with extra buffer types {'on' if outcome.extra_buffer_types else 'off'} (remembered in {cache_path(outcome.key)})")
+
+
+def pareto_command(
+    models: list[Path] = typer.Argument(..., help="GGUF files of one model"),
+    heldout: list[Path] = typer.Option([], "--heldout", help="`recover-lora heldout --json` reports (matched to the files by their base)"),
+    bench: Optional[Path] = typer.Option(None, "--bench", help="`recover-lora bench -o` records of these files (interleaved; ratios to its first)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the table (Markdown) here"),
+) -> None:
+    """Which file to deploy: bytes, bits/weight, held-out KL and decode speed of each file, and which ones dominate it."""
+    import json
+
+    from recover_lora.errors import RecoverLoraError
+    from recover_lora.fileio import atomic_output
+    from recover_lora.pareto import file_rows, markdown_table
+    from recover_lora.runtime.records import read_records
+
+    missing = [p for p in [*models, *heldout, *([bench] if bench else [])] if not p.is_file()]
+    if missing:
+        raise RecoverLoraError(f"{missing[0]} does not exist; give the GGUFs, their heldout JSONs and the bench records")
+    records = read_records(bench) if bench else []
+    baseline = next((r["baseline_variant"] for r in records if r.get("baseline_variant")), None)
+    table = markdown_table(file_rows(models, [json.loads(p.read_text()) for p in heldout], records), baseline)
+    typer.echo(table)
+    if out is not None:
+        with atomic_output(out, force=True) as tmp:
+            tmp.write_text(table + "\n")

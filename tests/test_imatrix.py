@@ -268,14 +268,10 @@ def bad_matrices(good: ImportanceMatrix) -> list[tuple[ImportanceMatrix, str]]:
 
 
 def test_a_matrix_of_another_model_names_the_first_mismatching_tensor(stories, tmp_path, monkeypatch):
-    from recover_lora.recovery.imatrix import compute_imatrix
-
     monkeypatch.setattr(quantize, "llama_cpp_quantize", fail_if_called)
     good = read_imatrix(stories["imatrix"])
     cases = bad_matrices(good)
-    unpadded = compute_imatrix(STORIES_DIR, tmp_path / "unpadded.gguf", samples=stories["synth"], pad="none")  # widths 64/172
-    cases.append((tmp_path / "unpadded.gguf", r"unpadded\.gguf gives blk\.0\.attn_k\.weight 64 columns but the tensor has 256"))
-    assert unpadded.widths()["blk.0.ffn_down.weight"] == 172
+    # (A matrix of the model's own widths, 64/172, is not another model's: a padded export pads it, test_type_search.py.)
     for matrix, message in cases:
         with pytest.raises(RecoverLoraError, match=message) as e:
             quantize.export_model(STORIES_DIR, tmp_path / "x.gguf", "gateup", imatrix=matrix)

@@ -122,7 +122,7 @@ def test_refusal_names_step_need_and_setting():
     train = next(p for p in plan.problems if p.startswith("train "))
     assert "GiB of GPU memory for qwen3-4b" in train and "but 24.0 GiB is available (as given by --gpu-memory)" in train
     assert "--top-k" in train and "\n" not in train
-    with pytest.raises(RecoverLoraError, match=r"^synth|^imatrix|^train|^recover|^heldout"):
+    with pytest.raises(RecoverLoraError, match=r"^synth|^imatrix|^search|^train|^recover|^heldout"):
         plan.check()
     roomy = checked_plan(sizes, plan_settings("paper", {"top_k": 64, "loss_chunk": 1024, "gradient_checkpointing": True}),
                          Available(gpus=1, gpu_bytes=140 * GiB))
@@ -202,8 +202,8 @@ def test_plan_command_prints_a_table_and_writes_json(tmp_path, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "qwen3-4b: qwen3, 36 layers" in printed and "\nfits\n" in printed
-    rows = [line.split()[0] for line in printed.splitlines()[4:13]]
-    assert rows == ["synth", "imatrix", "export", "train", "recover", "heldout", "eval", "bench", "report"]
+    rows = [line.split()[0] for line in printed.splitlines()[4:15]]
+    assert rows == ["synth", "imatrix", "export", "baselines", "search", "train", "recover", "heldout", "eval", "bench", "report"]
     plan = json.loads(out.read_text())
     assert plan["fits"] and plan["gpus"] == 1 and [s["step"] for s in plan["steps"]] == rows
     train = next(s for s in plan["steps"] if s["step"] == "train")

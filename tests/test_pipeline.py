@@ -29,7 +29,8 @@ def forbid_every_step(monkeypatch) -> None:
     def must_not_run(*args, **kwargs):
         raise AssertionError("an up-to-date step ran again")
 
-    for name in ("export.quantize.export_model", "recovery.synth.synthesize", "recovery.imatrix.compute_imatrix",
+    for name in ("export.quantize.export_model", "export.llama_presets.export_llama_preset", "export.type_search.search_types",
+                 "recovery.synth.synthesize", "recovery.imatrix.compute_imatrix",
                  "recovery.distill.train", "recovery.merge.merge_run", "recovery.heldout.heldout_report", "runtime.evaluate.run_eval",
                  "runtime.bench.run_bench"):
         monkeypatch.setattr(f"recover_lora.{name}", must_not_run)
@@ -70,7 +71,8 @@ def test_every_step_writes_its_outputs(finished_run):
     for name in ("w4.gguf", "gateup.gguf", "synth/samples.safetensors", "train/adapter.gguf", "heldout.json",
                  "eval/teacher.json", "eval/w4.json", "eval/gateup.json", "eval/gateup+adapter.json",
                  "recovered.gguf", "recover/block_scales.safetensors", "recover/adapter.gguf", "eval/recovered.json", "pareto.png",
-                 "bench.jsonl", "host.toml", "roofline.json", "report.md", "report.html", "accuracy.png", "tokens_per_s.png"):
+                 "bench.jsonl", "host.toml", "roofline.json", "report.md", "report.html", "accuracy.png", "tokens_per_s.png",
+                 "baselines/Q4_K_M.gguf", "baselines/IQ4_XS.gguf", "searched.gguf", "search.json", "eval/searched.json"):
         assert (finished_run / name).is_file(), name
     steps = manifest(finished_run)["steps"]
     assert list(steps) == list(STEPS)
@@ -80,15 +82,22 @@ def test_every_step_writes_its_outputs(finished_run):
 
 def test_report_has_the_tables_read_from_the_step_outputs(finished_run):
     text = (finished_run / "report.md").read_text()
-    for heading in ("## Accuracy", "## Closeness to the teacher", "## Speed on this machine", "## Which variant to deploy",
-                    "## Files", "## How this was made"):
+    for heading in ("## Accuracy", "## Closeness to the teacher", "## Speed on this machine", "## Type search",
+                    "## Which variant to deploy", "## Files", "## How this was made"):
         assert heading in text
     for task in ("arc_easy", "piqa", "sciq"):
         assert task in text
     heldout = json.loads((finished_run / "heldout.json").read_text())
     assert f"{heldout['rows']['gateup']['kl_to_teacher']:.3f}" in text
     bench = [json.loads(line) for line in (finished_run / "bench.jsonl").read_text().splitlines()]
-    assert {r["pipeline_label"] for r in bench} == {"w4", "gateup", "gateup+adapter", "recovered"}
+    assert {r["pipeline_label"] for r in bench} == {"w4", "gateup", "gateup+adapter", "recovered", "searched",
+                                                    "llama.cpp Q4_K_M", "llama.cpp IQ4_XS"}
+    # The stock baselines stand in the held-out table and the Pareto table beside our files.
+    assert set(heldout["rows"]) >= {"searched", "llama.cpp Q4_K_M", "llama.cpp IQ4_XS"}
+    assert re.search(r"\| llama\.cpp IQ4_XS \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| — \| [0-9.]+ \| ", text)
+    search = json.loads((finished_run / "search.json").read_text())
+    assert search["file_bytes"] <= search["max_bytes"] == (finished_run / "baselines" / "IQ4_XS.gguf").stat().st_size
+    assert f"{search['predicted_kl']:.4f}" in text
     assert f"{heldout['rows']['recovered']['kl_to_teacher']:.3f}" in text
     assert re.search(r"\| recovered \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| ", text)  # the Pareto table
     assert f"{bench[0]['tg_tokens_per_s']['median']:.1f}" in text
@@ -105,6 +114,8 @@ def test_second_run_skips_every_step(finished_run, monkeypatch, capsys):
         raise AssertionError("an up-to-date step ran again")
 
     monkeypatch.setattr("recover_lora.export.quantize.export_model", must_not_run)
+    monkeypatch.setattr("recover_lora.export.llama_presets.export_llama_preset", must_not_run)
+    monkeypatch.setattr("recover_lora.export.type_search.search_types", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.synth.synthesize", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.imatrix.compute_imatrix", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.distill.train", must_not_run)
@@ -140,13 +151,15 @@ def test_interrupted_run_resumes_at_the_step_it_stopped(tmp_path, monkeypatch):
         m.setattr(Pipeline, "heldout", killed)
         with pytest.raises(Interrupted):
             run_pipeline(smoke_config(out))
-    assert set(manifest(out)["steps"]) == {"synth", "imatrix", "export", "train", "recover"}
+    assert set(manifest(out)["steps"]) == {"synth", "imatrix", "export", "baselines", "search", "train", "recover"}
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished step ran again after the interruption")
 
     ran = []
     monkeypatch.setattr("recover_lora.export.quantize.export_model", must_not_run)
+    monkeypatch.setattr("recover_lora.export.llama_presets.export_llama_preset", must_not_run)
+    monkeypatch.setattr("recover_lora.export.type_search.search_types", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.synth.synthesize", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.imatrix.compute_imatrix", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.distill.train", must_not_run)
@@ -254,7 +267,8 @@ def test_a_no_op_resume_reads_every_file_once_and_then_none(tmp_path, finished_r
     run_pipeline(smoke_config(out), commands=commands)
     assert capsys.readouterr().err.count("up to date, skipped") == len(STEPS)
     ggufs = [path for path in reads if path.endswith(".gguf")]
-    assert len(ggufs) == 5  # w4, gateup, imatrix, adapter, recovered: each is an input of several steps
+    # w4, gateup, imatrix, adapter, recovered, searched and the two baselines: each is an input of several steps
+    assert len(ggufs) == 8
     assert max(reads.values()) == 1, reads.most_common(3)
     # Another new process: DIR/file_hashes.json remembers every file the run hashed, so none is read.
     reads = count_file_reads(monkeypatch)

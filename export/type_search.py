@@ -1,0 +1,436 @@
+"""`recover-lora search`: choose every tensor's ggml type, and whether to pad, under a byte cap and a decode floor.
+
+The space: for each tensor a policy types (block linears, token embedding, untied output), every
+candidate type whose block divides the tensor's row width as exported, under each padding mode:
+"none" (the model's own widths: a 576-wide row takes only block-32 types, Q4_0 ... Q8_0, IQ4_NL) and
+"auto" (widths padded to multiples of 256, exactly, so K and IQ types fit, at the padding's extra
+bytes). llama.cpp's stock presets and the named policies are points of this space.
+
+For each (tensor, type) the search knows, exactly, the bytes and the error: the tensor goes through
+llama.cpp's own quantizer (`ggml_quantize.round_trip`, the file's very bytes, importance matrix included)
+and the error costs ½ Σ F ΔW² of predicted KL, F the teacher's Fisher diagonal on calibration text
+(recovery/fisher.py). The decode time of a choice is each tensor's bytes read per token over the
+device's bandwidth, or its weights over the device's measured matrix-vector rate for its type where the
+profile has one (`devices probe --matvec-types`), whichever is longer, as in devices/roofline.py.
+
+The selection is greedy on the exact table: start from the smallest choice of every tensor, then apply
+the change with the most predicted KL saved per byte added that keeps both limits, until none does. The
+winner is exported by the exporter (one rule per tensor), so its types are checked and it loads in
+llama.cpp before it is renamed into place; if the file's metadata push it over the cap, the tensor
+budget shrinks by the excess and the selection runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from recover_lora.errors import RecoverLoraError
+
+# Block-32 types fit any width that is a multiple of 32; K and IQ4_XS / IQ3_S types need 256.
+BLOCK32_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.Q8_0)
+SUPERBLOCK_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.IQ3_S)
+DEFAULT_CANDIDATES = BLOCK32_TYPES + SUPERBLOCK_TYPES
+PAD_CHOICES = ("none", "auto")
+# A row of bytes read per decode token for an untied token embedding (a lookup), else every weight.
+TOKEN_EMBEDDING = "token_embd.weight"
+MAX_EXPORT_ROUNDS = 3
+DECODE_MODELS = ("measured", "bytes")
+
+
+@dataclass(frozen=True)
+class Choice:
+    ggml_type: T
+    bytes: int
+    kl: float  # predicted KL contribution: ½ Σ F ΔW²
+    seconds: float  # predicted decode seconds per token of this tensor
+
+
+@dataclass
+class PadPlan:
+    """The best selection under one padding mode."""
+
+    pad: str
+    types: dict[str, str]
+    tensor_bytes: int
+    predicted_kl: float
+    predicted_seconds: float
+    feasible: bool
+    smallest_tensor_bytes: int
+
+
+@dataclass
+class SearchResult:
+    path: str
+    pad: str
+    types: dict[str, str]
+    file_bytes: int
+    max_bytes: int
+    predicted_kl: float
+    predicted_decode_ratio: float | None  # predicted tokens/s over the reference's (same model of the device)
+    reference: str | None
+    plans: list[PadPlan] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DecodeModel:
+    """Seconds per decode token of a tensor of a type: max(bytes read / bandwidth, weights / the type's rate).
+
+    Either term may be absent: measured rates alone (`measure_type_rates`: they already hold the memory
+    time of a file of the model's own shape), or a bandwidth alone (bytes read per token, `BYTES_ONLY`)."""
+
+    matvec_weights_per_s: dict = field(default_factory=dict)
+    bandwidth_bytes_per_s: float | None = None
+    source: str = ""
+
+    @classmethod
+    def from_profile(cls, profile) -> "DecodeModel":
+        return cls(dict(profile.matvec_weights_per_s), profile.bandwidth_bytes_per_s, f"device profile {profile.key}")
+
+    def seconds(self, name: str, shape: tuple[int, ...], ggml_type: T, n_bytes: int, tied: bool) -> float:
+        bandwidth = self.bandwidth_bytes_per_s
+        if len(shape) < 2 or (name == TOKEN_EMBEDDING and not tied):  # norms; an embedding row looked up
+            return 0.0 if bandwidth is None else n_bytes / (1 if len(shape) < 2 else shape[0]) / bandwidth
+        memory = 0.0 if bandwidth is None else n_bytes / bandwidth
+        rate = self.matvec_weights_per_s.get(ggml_type)
+        if rate is None and bandwidth is None:
+            raise RecoverLoraError(f"no measured decode rate for {ggml_type.name} ({self.source}); measure it with the other types")
+        return max(memory, int(np.prod(shape)) / rate) if rate else memory
+
+
+# Without measured rates the decode floor is a bytes-read floor: any bandwidth gives the same ratios.
+BYTES_ONLY = DecodeModel(bandwidth_bytes_per_s=1e9, source="bytes read per token")
+
+
+def measure_type_rates(config, types: tuple[T, ...], threads: int | None = None, seconds: float = 2.0,
+                       use_cache: bool = True, progress: Callable[[str], None] | None = None) -> DecodeModel:
+    """llama.cpp's decode rate (matmul weights per second) of each type on this machine, measured on a random-weight
+    model of this model's own shape (every layer, a small vocabulary; devices/matvec.py), padded where the type needs it.
+
+    Kept per llama.cpp build, CPU and extra-buffer-type choice in ~/.cache/recover-lora/decode-rates/ (`use_cache=False`
+    measures again): what the rates depend on besides the machine's load.
+    """
+    import hashlib
+    import tempfile
+
+    from recover_lora.devices.matvec import matvec_rates
+    from recover_lora.runtime.llama_build import cache_root
+    from recover_lora.runtime.llama_selftest import build_key, extra_buffer_types
+
+    hf_config = config.to_hf_config()
+    rates = {}
+    with tempfile.TemporaryDirectory(prefix="recover-lora-rates-") as work_dir:
+        config_path = Path(work_dir) / "config.json"
+        config_path.write_text(json.dumps(hf_config))
+        for ggml_type in dict.fromkeys(types):
+            key = hashlib.sha256(json.dumps([build_key(), extra_buffer_types(), hf_config, ggml_type.name, threads],
+                                            sort_keys=True, default=str).encode()).hexdigest()[:16]
+            cached = cache_root() / "decode-rates" / f"{key}.json"
+            if use_cache and cached.is_file():
+                rates[ggml_type] = float(json.loads(cached.read_text())["weights_per_s"])
+                continue
+            if progress:
+                progress(f"measuring llama.cpp's decode rate of {ggml_type.name} on this model's shape ...")
+            [result] = matvec_rates((ggml_type,), shape=str(config_path), layers=config.num_layers, threads=threads, seconds=seconds)
+            rates[ggml_type] = result.weights_per_s
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            from recover_lora.fileio import atomic_output
+
+            with atomic_output(cached, force=True) as tmp:
+                tmp.write_text(json.dumps({"type": ggml_type.name, "weights_per_s": result.weights_per_s,
+                                           "seconds_per_token": result.seconds_per_token, "load_1min": result.load_1min}))
+    return DecodeModel(rates, None, "llama.cpp decode rates measured on this machine")
+
+
+def file_decode_seconds(path: Path, model: DecodeModel) -> float:
+    """Predicted decode seconds per token (context 0) of an existing GGUF, tensor by tensor."""
+    from recover_lora.export.gguf_header import read_gguf_header
+
+    header = read_gguf_header(path)
+    names = {t.name for t in header.tensors}
+    tied = "output.weight" not in names
+    return sum(model.seconds(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), T(int(t.tensor_type)), int(t.n_bytes), tied)
+               for t in header.tensors)
+
+
+def choice_table(weights, fisher: dict[str, np.ndarray], matrix, candidates: tuple[T, ...], model: DecodeModel,
+                 threads: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, list[Choice]]:
+    """Every (tensor, candidate type) of the model as exported (`weights` padded or not): bytes, predicted KL, seconds.
+
+    `fisher`: Hugging Face name -> Fisher diagonal of the unpadded model; `matrix`: the importance matrix of
+    these widths (or None). Both are laid out as the GGUF stores the tensor (padded, q/k permuted).
+    """
+    from recover_lora.export.ggml_quantize import round_trip
+    from recover_lora.export.imatrix_file import TYPES_NEEDING_IMATRIX, quantizer_weights
+    from recover_lora.export.model import gguf_name
+    from recover_lora.export.pad import pad_tensor
+    from recover_lora.export.policy import is_quantizable
+
+    config = weights.config
+    arch = config.arch
+    tied = config.tie_word_embeddings
+    unpadded = _unpadded_config(weights)
+    table: dict[str, list[Choice]] = {}
+    names = [n for n in weights.tensors if n in arch.hf_tensor_shapes(config) and is_quantizable(gguf_name(n, config))]
+    for index, hf in enumerate(names):
+        name = gguf_name(hf, config)
+        array = arch.to_gguf(hf, np.asarray(weights.tensors[hf], dtype=np.float32), config)
+        if array.ndim != 2:
+            continue
+        sensitivity = fisher.get(hf)
+        if sensitivity is None:
+            raise RecoverLoraError(f"the Fisher diagonal has no entry for {hf}; it was computed on another model")
+        if unpadded is not None:
+            sensitivity = pad_tensor(hf, sensitivity, unpadded, config)
+        sensitivity = arch.to_gguf(hf, sensitivity, config)
+        importance = quantizer_weights(matrix, [name])[name] if matrix is not None and name in matrix.sums else None
+        choices = []
+        for ggml_type in candidates:
+            block, _ = gguf.GGML_QUANT_SIZES[ggml_type]
+            if array.shape[1] % block:
+                continue
+            weights_for_type = importance
+            if weights_for_type is None and ggml_type in TYPES_NEEDING_IMATRIX:
+                weights_for_type = np.ones(array.shape[1], dtype=np.float32)  # as the exporter hands llama.cpp
+            restored, n_bytes = round_trip(array, ggml_type, weights_for_type, threads)
+            kl = 0.5 * float(np.sum(sensitivity * (restored - array) ** 2, dtype=np.float64))
+            choices.append(Choice(ggml_type, n_bytes, kl, model.seconds(name, array.shape, ggml_type, n_bytes, tied)))
+        if not choices:  # no block divides the rows (e.g. 172 wide): llama.cpp's own presets keep such a tensor F16
+            restored, n_bytes = round_trip(array, T.F16)
+            kl = 0.5 * float(np.sum(sensitivity * (restored - array) ** 2, dtype=np.float64))
+            choices.append(Choice(T.F16, n_bytes, kl, model.seconds(name, array.shape, T.F16, n_bytes, tied)))
+        table[name] = choices
+        if progress and (index + 1) % 25 == 0:
+            progress(f"quantized {index + 1}/{len(names)} tensors in every candidate type")
+    return table
+
+
+def _unpadded_config(weights):
+    if not weights.unpadded:
+        return None
+    import dataclasses
+
+    return dataclasses.replace(weights.config, **weights.unpadded)
+
+
+def select(table: dict[str, list[Choice]], max_bytes: float, max_seconds: float) -> tuple[dict[str, Choice], bool]:
+    """Greedy choice per tensor: (choices, whether both limits hold). Starts from each tensor's smallest
+    choice; each round applies the feasible change with the most predicted KL saved per byte added."""
+    names = list(table)
+    width = max(len(c) for c in table.values())
+    kl = np.full((len(names), width), np.inf)
+    size = np.full((len(names), width), np.inf)
+    secs = np.full((len(names), width), np.inf)
+    for i, name in enumerate(names):
+        for j, choice in enumerate(table[name]):
+            kl[i, j], size[i, j], secs[i, j] = choice.kl, choice.bytes, choice.seconds
+    rows = np.arange(len(names))
+    # Each tensor starts at its smallest choice (the least error among equally small ones).
+    current = np.array([min(range(len(table[name])), key=lambda j: (size[i, j], kl[i, j])) for i, name in enumerate(names)])
+    total_bytes, total_seconds = size[rows, current].sum(), secs[rows, current].sum()
+    feasible = total_bytes <= max_bytes and total_seconds <= max_seconds
+    while True:
+        with np.errstate(invalid="ignore"):  # inf - inf where a tensor has fewer choices: never a fit
+            saved = kl[rows, current][:, None] - kl
+        added = size - size[rows, current][:, None]
+        fits = (total_bytes + added <= max_bytes) & (total_seconds + secs - secs[rows, current][:, None] <= max_seconds) & (saved > 0)
+        if not fits.any():
+            break
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = np.where(fits, saved / np.maximum(added, 1.0), -np.inf)
+        score = np.where(fits & (added <= 0), np.inf, score)  # fewer bytes and less error: always take it
+        i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+        total_bytes += added[i, j]
+        total_seconds += secs[i, j] - secs[i, current[i]]
+        current[i] = j
+    return {name: table[name][current[i]] for i, name in enumerate(names)}, bool(feasible)
+
+
+def search_types(
+    source: str | Path | None,
+    out_path: str | Path,
+    imatrix: str | Path,
+    samples: str | Path | None = None,
+    text: str | Path | None = None,
+    max_bytes: int | None = None,
+    min_decode: float | None = None,
+    reference: str | Path | None = None,
+    decode="measured",
+    candidates: tuple[T, ...] = DEFAULT_CANDIDATES,
+    pads: tuple[str, ...] = PAD_CHOICES,
+    max_samples: int = 32,
+    seq_len: int | None = 256,
+    threads: int | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Search per-tensor types and padding, export the winner to `out_path`, and return what it chose.
+
+    Args:
+        imatrix: importance matrix of the model's own widths (`recover-lora imatrix --pad none`); padded
+            candidates get it padded.
+        samples / text: calibration text for the Fisher diagonal (a synth folder or a .txt/.jsonl file).
+        max_bytes: cap on the file's bytes (default: the reference file's).
+        min_decode: floor on predicted decode tokens/s as a ratio to the reference's (default 1.0 with a reference).
+        reference: a GGUF of the same model (e.g. stock IQ4_XS) that sets the default limits.
+        decode: how decode time is predicted: "measured" (llama.cpp's rate of each type on this machine, on this
+            model's shape: `measure_type_rates`), "bytes" (bytes read per token), or a DeviceProfile.
+
+    Example:
+        search_types(None, "searched.gguf", "imatrix.gguf", samples="runs/synth", reference="IQ4_XS.gguf")
+    """
+    import time
+
+    from recover_lora.export.imatrix_file import read_imatrix
+    from recover_lora.export.pad import needs_padding, pad_imatrix, pad_model
+    from recover_lora.export.policy import Policy, TensorTypeRule
+    from recover_lora.export.quantize import export_model
+    from recover_lora.export.sources import load_model
+    from recover_lora.fileio import check_output
+    from recover_lora.recovery.fisher import kl_fisher_diagonal
+    from recover_lora.recovery.imatrix import calibration_windows
+
+    start = time.perf_counter()
+    say = progress or (lambda message: None)
+    out_path = check_output(out_path, force)
+    bad = [p for p in pads if p not in PAD_CHOICES]
+    if bad or not pads:
+        raise RecoverLoraError(f"--pad {bad[0] if bad else ''!r} is not a padding choice; use {' and/or '.join(PAD_CHOICES)}")
+    if reference is not None and not Path(reference).is_file():
+        raise RecoverLoraError(f"reference {reference} does not exist; give a GGUF of the same model (e.g. `export --llama-preset IQ4_XS`)")
+    if max_bytes is None:
+        if reference is None:
+            raise RecoverLoraError("give --max-bytes N or --reference FILE (its bytes are the cap)")
+        max_bytes = Path(reference).stat().st_size
+    if min_decode is not None and reference is None:
+        raise RecoverLoraError("--min-decode is a ratio to the reference's predicted decode; give --reference FILE too")
+    if isinstance(decode, str) and decode not in DECODE_MODELS:
+        raise RecoverLoraError(f"--decode {decode!r} is not valid; use one of: {', '.join(DECODE_MODELS)} (or --device-profile)")
+    matrix = read_imatrix(imatrix)
+    weights = load_model(source)
+    own_widths = {n: s[-1] for n, s in weights.config.arch.gguf_tensor_shapes(weights.config).items()}
+    wrong = [n for n, w in matrix.widths().items() if own_widths.get(n) != w]
+    if wrong:
+        raise RecoverLoraError(f"{imatrix} gives {wrong[0]} {matrix.widths()[wrong[0]]} columns, not the model's own "
+                               f"{own_widths.get(wrong[0])}: make it with `recover-lora imatrix --pad none` from this model")
+    if decode == "measured":
+        reference_types = _file_types(Path(reference)) if reference is not None else ()
+        widths = {shape[-1] for shape in own_widths_shapes(weights.config)}
+        fallback = (T.F16,) if any(all(w % gguf.GGML_QUANT_SIZES[c][0] for c in candidates) for w in widths) else ()
+        model = measure_type_rates(weights.config, tuple(candidates) + reference_types + fallback, threads, progress=say)
+    else:
+        model = BYTES_ONLY if decode == "bytes" else DecodeModel.from_profile(decode)
+    max_seconds = np.inf
+    if reference is not None:
+        max_seconds = file_decode_seconds(Path(reference), model) / (1.0 if min_decode is None else min_decode)
+    ids, counted, _ = calibration_windows(source, samples, text, max_samples, seq_len)
+    say(f"Fisher diagonal of the teacher on {int(counted.sum())} tokens ...")
+    fisher = kl_fisher_diagonal(source, ids, counted, device=device)
+    fixed = _fixed_bytes(weights)
+    tables: dict[str, dict[str, list[Choice]]] = {}
+    for pad in pads:
+        if pad == "auto" and not needs_padding(weights.config):
+            continue
+        exported = pad_model(weights) if pad == "auto" else weights
+        pad_matrix = pad_imatrix(matrix, weights.config, exported.config) if exported is not weights else matrix
+        say(f"[pad {pad}] quantizing every tensor in {len(candidates)} candidate types ...")
+        table = choice_table(exported, fisher, pad_matrix, candidates, model, threads, say)
+        tables[pad] = table
+    # The tensor budget: the cap less the F32 tensors and metadata (learned from the file, below).
+    overhead = fixed
+    for _ in range(MAX_EXPORT_ROUNDS):
+        results = {}
+        for pad, table in tables.items():
+            chosen, feasible = select(table, max_bytes - overhead, max_seconds - _fixed_seconds(weights, model))
+            smallest = sum(min(c.bytes for c in choices) for choices in table.values())
+            results[pad] = PadPlan(pad, {n: c.ggml_type.name for n, c in chosen.items()}, sum(c.bytes for c in chosen.values()),
+                                   sum(c.kl for c in chosen.values()), sum(c.seconds for c in chosen.values()), feasible, smallest)
+        feasible = [p for p in results.values() if p.feasible]
+        if not feasible:
+            smallest = min(results.values(), key=lambda p: p.smallest_tensor_bytes)
+            raise RecoverLoraError(
+                f"no choice of types fits {max_bytes:,} bytes and the decode floor: the smallest file this search can make is about "
+                f"{smallest.smallest_tensor_bytes + overhead:,} bytes (pad {smallest.pad}); raise --max-bytes, lower --min-decode "
+                "or add smaller --types"
+            )
+        best = min(feasible, key=lambda p: p.predicted_kl)
+        rules = [TensorTypeRule(re.escape(name), T[type_name]) for name, type_name in best.types.items()]
+        say(f"exporting the winner: pad {best.pad}, predicted KL {best.predicted_kl:.4f}, {best.tensor_bytes:,} tensor bytes ...")
+        result = export_model(source, out_path, Policy.named("w4", rules=rules), pad=best.pad, force=True, threads=threads,
+                              imatrix=matrix)
+        file_bytes = result.path.stat().st_size
+        if file_bytes <= max_bytes:
+            break
+        overhead += file_bytes - max_bytes  # metadata the estimate missed: shrink the tensor budget by it
+    else:
+        result.path.unlink()
+        raise RecoverLoraError(f"the searched file stayed over {max_bytes:,} bytes after {MAX_EXPORT_ROUNDS} rounds; raise --max-bytes")
+    ratio = None
+    if reference is not None:
+        ratio = file_decode_seconds(Path(reference), model) / file_decode_seconds(result.path, model)
+    return SearchResult(path=str(result.path), pad=best.pad, types=best.types, file_bytes=file_bytes, max_bytes=int(max_bytes),
+                        predicted_kl=best.predicted_kl, predicted_decode_ratio=ratio,
+                        reference=None if reference is None else str(reference), plans=list(results.values()),
+                        seconds=round(time.perf_counter() - start, 1))
+
+
+def _fixed_bytes(weights) -> int:
+    """Bytes every choice shares: the F32 tensors (norms, biases) and a first guess at the metadata
+    (the source GGUF's non-tensor bytes where the source is one)."""
+    from recover_lora.export.policy import is_quantizable
+
+    config = weights.config
+    shapes = config.arch.gguf_tensor_shapes(config)
+    f32 = sum(4 * int(np.prod(s)) for n, s in shapes.items() if not is_quantizable(n))
+    metadata = 0
+    source = Path(weights.source) if weights.source else None
+    if source is not None and source.is_file() and source.suffix == ".gguf":
+        from recover_lora.export.gguf_header import read_gguf_header
+
+        header = read_gguf_header(source)
+        metadata = source.stat().st_size - sum(int(t.n_bytes) for t in header.tensors)
+    return f32 + metadata
+
+
+def _fixed_seconds(weights, model: DecodeModel) -> float:
+    """Decode seconds of the F32 tensors, which every choice reads."""
+    from recover_lora.export.policy import is_quantizable
+
+    config = weights.config
+    shapes = config.arch.gguf_tensor_shapes(config)
+    return sum(model.seconds(n, tuple(s), T.F32, 4 * int(np.prod(s)), config.tie_word_embeddings)
+               for n, s in shapes.items() if not is_quantizable(n))
+
+
+def own_widths_shapes(config) -> list[tuple[int, ...]]:
+    """Shapes of the tensors a search types, at the model's own widths."""
+    from recover_lora.export.policy import is_quantizable
+
+    return [shape for name, shape in config.arch.gguf_tensor_shapes(config).items() if is_quantizable(name) and len(shape) == 2]
+
+
+def _file_types(path: Path) -> tuple[T, ...]:
+    """The quantized types a GGUF holds (what a decode model must know to predict it)."""
+    from recover_lora.export.gguf_header import read_gguf_header
+
+    found = {T(int(t.tensor_type)) for t in read_gguf_header(path).tensors if len(t.shape) > 1}
+    return tuple(sorted(found))
+
+
+def write_search_json(result: SearchResult, path: str | Path) -> None:
+    from recover_lora.fileio import atomic_output
+
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(json.dumps(result.to_dict(), indent=2))

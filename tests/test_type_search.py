@@ -1,0 +1,221 @@
+"""True sizes, llama.cpp's stock presets as baselines, and the per-tensor type search (issue 26)."""
+
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from recover_lora.errors import RecoverLoraError
+from recover_lora.export.gguf_info import summarize_gguf
+from recover_lora.export.imatrix_file import read_imatrix
+from recover_lora.export.policy import Policy, TensorTypeRule
+from recover_lora.export.quantize import export_model
+from recover_lora.export.sources import load_model
+
+from conftest import llama_cpp_logits, make_tiny_hf_model, sample_tokens, torch_threads
+
+HELDOUT_TEXT = Path(__file__).parents[1] / "recovery" / "data" / "heldout_gsm8k_test150.jsonl"
+
+
+@pytest.fixture(scope="module")
+def odd_width_model(tmp_path_factory) -> Path:
+    """A tiny Llama whose hidden width (128) is not a multiple of 256 but whose FFN width (256) is: SmolLM2's situation."""
+    return make_tiny_hf_model(tmp_path_factory.mktemp("odd") / "llama-128", "llama", hidden=128, intermediate=256)
+
+
+@pytest.fixture(scope="module")
+def odd_width_imatrix(odd_width_model, tmp_path_factory) -> Path:
+    from recover_lora.recovery.imatrix import compute_imatrix
+
+    torch_threads()
+    out = tmp_path_factory.mktemp("odd-imatrix") / "imatrix.gguf"
+    compute_imatrix(odd_width_model, out, text=HELDOUT_TEXT, seq_len=64, max_tokens=2048, pad="none")
+    return out
+
+
+def _gguf_f32(weights, gguf_tensor: str) -> np.ndarray:
+    config = weights.config
+    hf = config.arch.gguf_names(config)[gguf_tensor]
+    return config.arch.to_gguf(hf, np.asarray(weights.tensors[hf], dtype=np.float32), config)
+
+
+def test_bits_per_weight_of_a_padded_file_are_over_the_unpadded_parameters(stories_gateup, stories_dir):
+    from safetensors.numpy import load_file
+
+    summary = summarize_gguf(stories_gateup)
+    own = sum(a.size for a in load_file(stories_dir / "model.safetensors").values())
+    assert summary.unpadded and summary.n_weights > own  # padding stored zeros...
+    assert summary.model_parameters == own  # ...that are not the model's parameters
+    assert summary.file_bits_per_weight == pytest.approx(8 * summary.file_bytes / own)
+    assert summary.padded_file_bits_per_weight == pytest.approx(8 * summary.file_bytes / summary.n_weights)
+    linears = [t for t in summary.tensors if t.name.startswith("blk.") and t.name.endswith(("_q.weight", "_k.weight", "_v.weight",
+                                                                                                "_output.weight", "_gate.weight", "_up.weight", "_down.weight"))]
+    assert summary.linear_bits_per_weight == pytest.approx(8 * sum(t.n_bytes for t in linears) / sum(t.model_elements for t in linears))
+
+
+def test_unpadded_file_counts_what_it_stores(stories_dir, tmp_path):
+    path = export_model(stories_dir, tmp_path / "q8.gguf", Policy.named("w4", rules=[TensorTypeRule(".*", T.F16)]), pad="none").path
+    summary = summarize_gguf(path)
+    assert not summary.unpadded and summary.model_parameters == summary.n_weights
+    assert summary.padded_file_bits_per_weight is None
+
+
+def test_ggml_quantizer_gives_the_bytes_of_llama_cpps_file(odd_width_model, odd_width_imatrix, tmp_path):
+    from recover_lora.export.ggml_quantize import quantize_rows
+    from recover_lora.export.imatrix_file import quantizer_weights
+
+    matrix = read_imatrix(odd_width_imatrix)
+    rules = [TensorTypeRule(r"blk\.0\.attn_q\.weight", T.IQ4_NL), TensorTypeRule(r"blk\.0\.ffn_down\.weight", T.Q3_K),
+             TensorTypeRule(r"blk\.1\.ffn_up\.weight", T.Q5_1), TensorTypeRule(r"token_embd\.weight", T.Q8_0),
+             TensorTypeRule(".*", T.Q4_0)]
+    path = export_model(odd_width_model, tmp_path / "mixed.gguf", Policy.named("w4", rules=rules), pad="none",
+                        imatrix=odd_width_imatrix, threads=2).path
+    weights = load_model(odd_width_model)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    for name, ggml_type in (("blk.0.attn_q.weight", T.IQ4_NL), ("blk.0.ffn_down.weight", T.Q3_K),
+                            ("blk.1.ffn_up.weight", T.Q5_1), ("token_embd.weight", T.Q8_0)):
+        importance = quantizer_weights(matrix, [name])[name] if name in matrix.sums else None
+        ours = quantize_rows(_gguf_f32(weights, name), ggml_type, importance, threads=2)
+        assert T(tensors[name].tensor_type) == ggml_type
+        assert np.array_equal(ours.reshape(-1), np.asarray(tensors[name].data).reshape(-1).view(np.uint8)), name
+
+
+def test_a_type_that_needs_an_importance_matrix_is_refused_not_aborted():
+    from recover_lora.export.ggml_quantize import quantize_rows
+
+    with pytest.raises(RecoverLoraError, match="importance"):
+        quantize_rows(np.ones((4, 256), np.float32), T.IQ2_XS, None)
+
+
+def test_llama_preset_baseline_is_llama_cpps_own_mix(odd_width_model, odd_width_imatrix, tmp_path):
+    from recover_lora.export.llama_presets import export_llama_preset
+    from recover_lora.export.gguf_io import field_value, open_gguf
+
+    result = export_llama_preset(odd_width_model, tmp_path / "Q4_K_M.gguf", "Q4_K_M", imatrix=odd_width_imatrix, threads=2)
+    reader = open_gguf(result.path)
+    assert field_value(reader, gguf.Keys.General.FILE_TYPE) == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    summary = summarize_gguf(result.path)
+    assert not summary.unpadded  # the model's own widths
+    types = {t.name: t.ggml_type for t in summary.tensors}
+    # llama.cpp's mix, not one type: 128-wide rows fall back to a block-32 type, 256-wide ones are K-quants.
+    assert types["blk.0.ffn_down.weight"] in ("Q4_K", "Q6_K")
+    assert all(types[n] not in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K") for n in types if n.endswith(("attn_q.weight", "ffn_gate.weight")))
+    assert np.isfinite(llama_cpp_logits(result.path, sample_tokens(12))).all()
+
+
+def test_llama_preset_needing_an_imatrix_is_refused_without_one(odd_width_model, tmp_path):
+    from recover_lora.export.llama_presets import export_llama_preset
+
+    with pytest.raises(RecoverLoraError, match="importance matrix"):
+        export_llama_preset(odd_width_model, tmp_path / "x.gguf", "IQ3_XXS")
+    with pytest.raises(RecoverLoraError, match="unknown llama.cpp preset"):
+        export_llama_preset(odd_width_model, tmp_path / "x.gguf", "Q9_K")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_unpadded_imatrix_serves_a_padded_export(stories_dir, tmp_path):
+    from recover_lora.export.pad import pad_imatrix, pad_model
+    from recover_lora.recovery.imatrix import compute_imatrix
+
+    torch_threads()
+    common = dict(text=HELDOUT_TEXT, seq_len=32, max_tokens=512)
+    own = compute_imatrix(stories_dir, tmp_path / "own.gguf", pad="none", **common)
+    padded = compute_imatrix(stories_dir, tmp_path / "padded.gguf", pad="auto", **common)
+    weights = load_model(stories_dir)
+    derived = pad_imatrix(own, weights.config, pad_model(weights).config)
+    assert derived.widths() == padded.widths()
+    for name in padded.sums:
+        if "attn_output" in name:  # zero query heads attend (uniformly) in the padded teacher: only real heads compare
+            real = derived.sums[name] > 0
+            np.testing.assert_allclose(derived.sums[name][real], padded.sums[name][real], rtol=1e-4)
+        else:
+            np.testing.assert_allclose(derived.sums[name], padded.sums[name], rtol=1e-4, atol=1e-6)
+    result = export_model(stories_dir, tmp_path / "gateup.gguf", "gateup", imatrix=tmp_path / "own.gguf", threads=2)
+    assert result.padded
+
+
+def test_fisher_predicts_the_kl_of_a_perturbation(stories_dir):
+    """½ Σ F ΔW² against the KL measured in torch on the same windows, for a small random perturbation."""
+    torch = torch_threads()
+    from recover_lora.export.torch_model import to_hf_model
+    from recover_lora.recovery.fisher import kl_fisher_diagonal
+    from recover_lora.recovery.imatrix import calibration_windows
+
+    ids, counted, _ = calibration_windows(stories_dir, None, HELDOUT_TEXT, max_samples=48, seq_len=64, max_tokens=4096)
+    fisher = kl_fisher_diagonal(stories_dir, ids, counted)
+    weights = load_model(stories_dir)
+    rng = np.random.default_rng(0)
+    noise = {name: 0.02 * np.abs(np.asarray(weights.tensors[name])).mean() * rng.standard_normal(np.shape(weights.tensors[name])).astype(np.float32)
+             for name in fisher if ".layers." in name}
+    predicted = 0.5 * sum(float(np.sum(fisher[n] * d ** 2)) for n, d in noise.items())
+    teacher = to_hf_model(weights)
+    student = to_hf_model(weights.replace(tensors={n: np.asarray(a) + noise.get(n, 0) for n, a in weights.tensors.items()}))
+    with torch.no_grad():
+        p = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+        q = torch.log_softmax(student(input_ids=ids).logits.float(), -1)
+        measured = float((p.exp() * (p - q)).sum(-1)[counted].mean())
+    assert measured > 0
+    assert 0.6 < predicted / measured < 1.6, (predicted, measured)
+
+
+def test_search_meets_the_cap_writes_what_it_reported_and_decodes(odd_width_model, odd_width_imatrix, tmp_path):
+    from recover_lora.export.type_search import search_types
+
+    torch_threads()
+    w4 = export_model(odd_width_model, tmp_path / "w4.gguf", Policy.named("w4", rules=[TensorTypeRule(".*", T.Q8_0)]), pad="none").path
+    cap = int(w4.stat().st_size * 0.8)
+    result = search_types(odd_width_model, tmp_path / "searched.gguf", odd_width_imatrix, text=HELDOUT_TEXT, max_bytes=cap,
+                          decode="bytes", pads=("none",), max_samples=8, seq_len=64, threads=2)
+    path = Path(result.path)
+    assert path.stat().st_size == result.file_bytes <= cap
+    written = {t.name: t.ggml_type for t in summarize_gguf(path).tensors}
+    assert {n: written[n] for n in result.types} == result.types
+    # Padding off: every 128-wide row takes a block-32 type (or F16), never a K or IQ4_XS type.
+    superblock = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_S")
+    assert all(result.types[n] not in superblock for n in result.types if not n.endswith("ffn_down.weight"))
+    assert np.isfinite(llama_cpp_logits(path, sample_tokens(12))).all()
+    # A tighter cap never predicts less error than a looser one.
+    tight = search_types(odd_width_model, tmp_path / "tight.gguf", odd_width_imatrix, text=HELDOUT_TEXT, max_bytes=int(cap * 0.8),
+                         decode="bytes", pads=("none",), max_samples=8, seq_len=64, threads=2)
+    assert tight.file_bytes <= int(cap * 0.8) and tight.predicted_kl >= result.predicted_kl
+
+
+def test_search_weighs_padding_and_measured_decode_rates(odd_width_model, odd_width_imatrix, tmp_path):
+    from recover_lora.export.type_search import search_types
+
+    torch_threads()
+    reference = export_model(odd_width_model, tmp_path / "ref.gguf", Policy.named("w4", rules=[TensorTypeRule(".*", T.Q8_0)]),
+                             pad="none").path
+    result = search_types(odd_width_model, tmp_path / "searched.gguf", odd_width_imatrix, text=HELDOUT_TEXT, reference=reference,
+                          candidates=(T.Q4_0, T.Q8_0, T.Q4_K), max_samples=8, seq_len=64, threads=2)
+    assert {plan.pad for plan in result.plans} == {"none", "auto"}
+    assert result.file_bytes <= reference.stat().st_size
+    assert result.predicted_decode_ratio is not None and result.predicted_decode_ratio >= 1.0 - 1e-9
+    summary = summarize_gguf(result.path)
+    assert bool(summary.unpadded) == (result.pad == "auto")
+
+
+def test_search_with_an_impossible_cap_names_the_smallest_file_and_leaves_nothing(odd_width_model, odd_width_imatrix, tmp_path):
+    from recover_lora.export.type_search import search_types
+
+    torch_threads()
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(RecoverLoraError, match=r"smallest file this search can make is about [\d,]+ bytes"):
+        search_types(odd_width_model, out / "searched.gguf", odd_width_imatrix, text=HELDOUT_TEXT, max_bytes=10_000,
+                     decode="bytes", max_samples=4, seq_len=32, threads=2)
+    assert not list(out.iterdir())
+
+
+def test_search_refuses_a_padded_imatrix(stories_dir, tmp_path):
+    from recover_lora.export.type_search import search_types
+    from recover_lora.recovery.imatrix import compute_imatrix
+
+    torch_threads()
+    compute_imatrix(stories_dir, tmp_path / "padded.gguf", text=HELDOUT_TEXT, seq_len=32, max_tokens=256, pad="auto")
+    with pytest.raises(RecoverLoraError, match="--pad none"):
+        search_types(stories_dir, tmp_path / "s.gguf", tmp_path / "padded.gguf", text=HELDOUT_TEXT, max_bytes=10**9, decode="bytes")
+    assert not (tmp_path / "s.gguf").exists()
