@@ -95,6 +95,7 @@ def search_command(
     types: str = typer.Option("Q4_0,Q4_1,Q5_0,Q5_1,IQ4_NL,Q8_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,IQ4_XS,IQ3_S", "--types",
                               help="Candidate ggml types, comma-separated (the default is type_search.DEFAULT_CANDIDATES)"),
     pad: str = typer.Option("none,auto", "--pad", help="Padding choices to search: none, auto, or both"),
+    verify_decode: bool = typer.Option(True, "--verify-decode/--no-verify-decode", help="With --reference: time the winner against it in llama.cpp and select again under a tighter decode budget while it is slower than the floor"),
     max_samples: int = typer.Option(32, "--max-samples", help="Calibration windows for the Fisher diagonal"),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration window"),
     threads: Optional[int] = typer.Option(None, "--threads", help="Quantizer threads (default: all cores)"),
@@ -113,7 +114,7 @@ def search_command(
     pads = tuple(p.strip() for p in pad.split(",") if p.strip())
     result = search_types(model, out, imatrix, samples=samples, text=text, max_bytes=max_bytes, min_decode=min_decode,
                           reference=reference, decode=get_profile(device_profile) if device_profile else decode, candidates=candidates, pads=pads, max_samples=max_samples,
-                          seq_len=seq_len, threads=threads, device=device, force=force,
+                          seq_len=seq_len, threads=threads, device=device, verify_decode=verify_decode, force=force,
                           progress=lambda m: print(m, file=sys.stderr, flush=True))
     for plan in result.plans:
         state = "fits" if plan.feasible else "does not fit"
@@ -122,8 +123,13 @@ def search_command(
     for type_name in result.types.values():
         counts[type_name] = counts.get(type_name, 0) + 1
     ratio = "" if result.predicted_decode_ratio is None else f", predicted decode {result.predicted_decode_ratio:.2f} x the reference"
+    if result.measured_decode_ratio is not None:
+        ratio += f" (measured {result.measured_decode_ratio:.2f} x)"
     typer.echo(f"chose pad {result.pad}: {', '.join(f'{n} {t}' for t, n in sorted(counts.items(), key=lambda i: -i[1]))}; "
                f"{result.file_bytes:,} bytes (cap {result.max_bytes:,}), predicted KL {result.predicted_kl:.4f}{ratio} "
                f"in {result.seconds:.0f} s: wrote {result.path}")
+    if result.decode_floor_met is False:
+        typer.echo(f"warning: llama.cpp decodes the searched file at {result.measured_decode_ratio:.2f} x the reference, below "
+                   "--min-decode; lower the floor or add faster --types", err=True)
     if json_out is not None:
         write_search_json(result, json_out)

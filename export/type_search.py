@@ -9,20 +9,23 @@ bytes). llama.cpp's stock presets and the named policies are points of this spac
 For each (tensor, type) the search knows, exactly, the bytes and the error: the tensor goes through
 llama.cpp's own quantizer (`ggml_quantize.round_trip`, the file's very bytes, importance matrix included)
 and the error costs ½ Σ F ΔW² of predicted KL, F the teacher's Fisher diagonal on calibration text
-(recovery/fisher.py). The decode time of a choice is each tensor's bytes read per token over the
-device's bandwidth, or its weights over the device's measured matrix-vector rate for its type where the
-profile has one (`devices probe --matvec-types`), whichever is longer, as in devices/roofline.py.
+(recovery/fisher.py). The decode time of a choice is the tensor's weights over llama.cpp's decode rate of
+its type, measured on this machine on a random-weight model of this model's shape (`measure_type_rates`),
+or bytes read over a bandwidth (`--decode bytes`, a device profile).
 
-The selection is greedy on the exact table: start from the smallest choice of every tensor, then apply
-the change with the most predicted KL saved per byte added that keeps both limits, until none does. The
-winner is exported by the exporter (one rule per tensor), so its types are checked and it loads in
-llama.cpp before it is renamed into place; if the file's metadata push it over the cap, the tensor
-budget shrinks by the excess and the selection runs again.
+The selection is greedy on the exact table: start from the smallest choice of every tensor (made fast
+enough first, if it is not), then apply the change with the most predicted KL saved per byte added that
+keeps both limits, until none does. The winner is exported by the exporter (one rule per tensor), so its
+types are checked and it loads in llama.cpp before it is renamed into place; if the file's metadata push it
+over the cap, the tensor budget shrinks by the excess and the selection runs again. With a reference, the
+winner is then timed against it in llama.cpp, and the decode budget moves (then is bisected) until a file
+meets the floor; the most accurate file that met it is kept.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,7 +44,13 @@ DEFAULT_CANDIDATES = BLOCK32_TYPES + SUPERBLOCK_TYPES
 PAD_CHOICES = ("none", "auto")
 # A row of bytes read per decode token for an untied token embedding (a lookup), else every weight.
 TOKEN_EMBEDDING = "token_embd.weight"
-MAX_EXPORT_ROUNDS = 3
+MAX_EXPORT_ROUNDS = 4
+# A measured decode ratio this close below the floor meets it: the per-repeat ratios of 5 interleaved repeats
+# scatter by a few per cent on a 2-core machine, and chasing that noise would trade accuracy for nothing.
+DECODE_TOLERANCE = 0.01
+VERIFY_REPEATS, VERIFY_N_GEN = 5, 64
+# Decode-rate probe: every candidate type timed round-robin this many times, this many seconds each.
+RATE_ROUNDS, RATE_SECONDS = 3, 1.0
 DECODE_MODELS = ("measured", "bytes")
 
 
@@ -76,6 +85,9 @@ class SearchResult:
     predicted_kl: float
     predicted_decode_ratio: float | None  # predicted tokens/s over the reference's (same model of the device)
     reference: str | None
+    # Decode tokens/s over the reference's as llama.cpp measured it (interleaved, median of the per-repeat ratios), where checked.
+    measured_decode_ratio: float | None = None
+    decode_floor_met: bool | None = None
     plans: list[PadPlan] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -113,43 +125,60 @@ class DecodeModel:
 BYTES_ONLY = DecodeModel(bandwidth_bytes_per_s=1e9, source="bytes read per token")
 
 
-def measure_type_rates(config, types: tuple[T, ...], threads: int | None = None, seconds: float = 2.0,
-                       use_cache: bool = True, progress: Callable[[str], None] | None = None) -> DecodeModel:
+def measure_type_rates(config, types: tuple[T, ...], threads: int | None = None, rounds: int = RATE_ROUNDS,
+                       seconds: float = RATE_SECONDS, use_cache: bool = True, progress: Callable[[str], None] | None = None) -> DecodeModel:
     """llama.cpp's decode rate (matmul weights per second) of each type on this machine, measured on a random-weight
-    model of this model's own shape (every layer, a small vocabulary; devices/matvec.py), padded where the type needs it.
+    model of this model's own shape (every layer, a small vocabulary: devices/matvec.py's probe), padded where the type
+    needs it. The types are timed round-robin, `rounds` times `seconds` each, and each rate is from its median round:
+    a 2-core machine's load drifts, and timing the types one after the other would hand the drift to one type.
 
     Kept per llama.cpp build, CPU and extra-buffer-type choice in ~/.cache/recover-lora/decode-rates/ (`use_cache=False`
     measures again): what the rates depend on besides the machine's load.
     """
     import hashlib
+    import statistics
     import tempfile
 
-    from recover_lora.devices.matvec import matvec_rates
+    from recover_lora.devices.matvec import MATVEC_VOCAB_SIZE, decode_seconds_per_token
+    from recover_lora.devices.roofline import matmul_weight_elements
+    from recover_lora.devices.shapes import load_model_shape
+    from recover_lora.export.policy import Policy, TensorTypeRule
+    from recover_lora.export.quantize import export_model
+    from recover_lora.fileio import atomic_output
     from recover_lora.runtime.llama_build import cache_root
     from recover_lora.runtime.llama_selftest import build_key, extra_buffer_types
 
     hf_config = config.to_hf_config()
-    rates = {}
+    types = tuple(dict.fromkeys(types))
+    key = hashlib.sha256(json.dumps(["rates-v2", build_key(), extra_buffer_types(), hf_config, [t.name for t in types], threads,
+                                     rounds, seconds], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cached = cache_root() / "decode-rates" / f"{key}.json"
+    if use_cache and cached.is_file():
+        data = json.loads(cached.read_text())
+        return DecodeModel({T[name]: float(rate) for name, rate in data["weights_per_s"].items()}, None, f"measured rates ({cached})")
     with tempfile.TemporaryDirectory(prefix="recover-lora-rates-") as work_dir:
         config_path = Path(work_dir) / "config.json"
-        config_path.write_text(json.dumps(hf_config))
-        for ggml_type in dict.fromkeys(types):
-            key = hashlib.sha256(json.dumps([build_key(), extra_buffer_types(), hf_config, ggml_type.name, threads],
-                                            sort_keys=True, default=str).encode()).hexdigest()[:16]
-            cached = cache_root() / "decode-rates" / f"{key}.json"
-            if use_cache and cached.is_file():
-                rates[ggml_type] = float(json.loads(cached.read_text())["weights_per_s"])
-                continue
+        # The model's own layers and widths; a small vocabulary keeps the output matrix from dominating the time.
+        config_path.write_text(json.dumps({**hf_config, "vocab_size": MATVEC_VOCAB_SIZE}))
+        files = {}
+        for ggml_type in types:
             if progress:
-                progress(f"measuring llama.cpp's decode rate of {ggml_type.name} on this model's shape ...")
-            [result] = matvec_rates((ggml_type,), shape=str(config_path), layers=config.num_layers, threads=threads, seconds=seconds)
-            rates[ggml_type] = result.weights_per_s
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            from recover_lora.fileio import atomic_output
-
-            with atomic_output(cached, force=True) as tmp:
-                tmp.write_text(json.dumps({"type": ggml_type.name, "weights_per_s": result.weights_per_s,
-                                           "seconds_per_token": result.seconds_per_token, "load_1min": result.load_1min}))
+                progress(f"decode rates: a random-weight model of this shape in {ggml_type.name} ...")
+            policy = Policy.named("w4", rules=[TensorTypeRule(".*", ggml_type)])  # every linear and the output matrix
+            files[ggml_type] = export_model(config_path, Path(work_dir) / f"probe.{ggml_type.name}.gguf", policy, threads=threads,
+                                            random_weights=True).path
+        timings: dict[T, list[float]] = {t: [] for t in types}
+        for round_index in range(rounds):
+            if progress:
+                progress(f"decode rates: timing round {round_index + 1}/{rounds} of {len(types)} types ...")
+            for ggml_type, path in files.items():
+                timings[ggml_type].append(decode_seconds_per_token(path, threads or os.cpu_count() or 1, seconds)[0])
+        weights = {t: matmul_weight_elements(load_model_shape(path).file_tensors) for t, path in files.items()}
+    rates = {t: weights[t] / statistics.median(timings[t]) for t in types}
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(cached, force=True) as tmp:
+        tmp.write_text(json.dumps({"weights_per_s": {t.name: r for t, r in rates.items()},
+                                   "seconds_per_token": {t.name: v for t, v in timings.items()}, "load_1min": os.getloadavg()[0]}))
     return DecodeModel(rates, None, "llama.cpp decode rates measured on this machine")
 
 
@@ -226,7 +255,8 @@ def _unpadded_config(weights):
 
 def select(table: dict[str, list[Choice]], max_bytes: float, max_seconds: float) -> tuple[dict[str, Choice], bool]:
     """Greedy choice per tensor: (choices, whether both limits hold). Starts from each tensor's smallest
-    choice; each round applies the feasible change with the most predicted KL saved per byte added."""
+    choice (made fast enough first, if it is not); each round applies the feasible change with the most
+    predicted KL saved per byte added."""
     names = list(table)
     width = max(len(c) for c in table.values())
     kl = np.full((len(names), width), np.inf)
@@ -239,8 +269,24 @@ def select(table: dict[str, list[Choice]], max_bytes: float, max_seconds: float)
     # Each tensor starts at its smallest choice (the least error among equally small ones).
     current = np.array([min(range(len(table[name])), key=lambda j: (size[i, j], kl[i, j])) for i, name in enumerate(names)])
     total_bytes, total_seconds = size[rows, current].sum(), secs[rows, current].sum()
+    # The smallest types need not be the fastest (a 2-bit row can take longer to unpack than a 4-bit one): while the
+    # decode floor is missed, take the change that saves the most seconds per byte added within the byte cap.
+    while total_seconds > max_seconds:
+        with np.errstate(invalid="ignore"):
+            faster = secs[rows, current][:, None] - secs
+        added = size - size[rows, current][:, None]
+        fits = (total_bytes + added <= max_bytes) & (faster > 0)
+        if not fits.any():
+            break
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = np.where(fits, faster / np.maximum(added, 1.0), -np.inf)
+        score = np.where(fits & (added <= 0), np.inf, score)
+        i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+        total_bytes += added[i, j]
+        total_seconds -= faster[i, j]
+        current[i] = j
     feasible = total_bytes <= max_bytes and total_seconds <= max_seconds
-    while True:
+    while feasible:
         with np.errstate(invalid="ignore"):  # inf - inf where a tensor has fewer choices: never a fit
             saved = kl[rows, current][:, None] - kl
         added = size - size[rows, current][:, None]
@@ -273,6 +319,7 @@ def search_types(
     seq_len: int | None = 256,
     threads: int | None = None,
     device: str = "cpu",
+    verify_decode: bool = True,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> SearchResult:
@@ -285,6 +332,8 @@ def search_types(
         max_bytes: cap on the file's bytes (default: the reference file's).
         min_decode: floor on predicted decode tokens/s as a ratio to the reference's (default 1.0 with a reference).
         reference: a GGUF of the same model (e.g. stock IQ4_XS) that sets the default limits.
+        verify_decode: with a reference, time the winner against it in llama.cpp (`measured_decode_ratio`) and, when it
+            is slower than the floor, select again under a tighter decode budget (at most MAX_EXPORT_ROUNDS files).
         decode: how decode time is predicted: "measured" (llama.cpp's rate of each type on this machine, on this
             model's shape: `measure_type_rates`), "bytes" (bytes read per token), or a DeviceProfile.
 
@@ -295,8 +344,6 @@ def search_types(
 
     from recover_lora.export.imatrix_file import read_imatrix
     from recover_lora.export.pad import needs_padding, pad_imatrix, pad_model
-    from recover_lora.export.policy import Policy, TensorTypeRule
-    from recover_lora.export.quantize import export_model
     from recover_lora.export.sources import load_model
     from recover_lora.fileio import check_output
     from recover_lora.recovery.fisher import kl_fisher_diagonal
@@ -348,16 +395,25 @@ def search_types(
         say(f"[pad {pad}] quantizing every tensor in {len(candidates)} candidate types ...")
         table = choice_table(exported, fisher, pad_matrix, candidates, model, threads, say)
         tables[pad] = table
-    # The tensor budget: the cap less the F32 tensors and metadata (learned from the file, below).
-    overhead = fixed
+    # The tensor budget: the cap less the F32 tensors and metadata (learned from the file, below). The decode budget:
+    # the reference's predicted seconds over the floor. llama.cpp then times each winner against the reference, and the
+    # budget moves by the measured shortfall (or surplus) until one budget missed the floor and one met it, then is
+    # bisected between them; the file kept is the most accurate winner that met it.
+    overhead, budget = fixed, max_seconds - _fixed_seconds(weights, model)
+    floor = 1.0 if min_decode is None else min_decode
+    missed_at = met_at = None  # decode budgets whose winners llama.cpp timed below / at the floor
+    kept = None  # (plan, plans, measured ratio) of the most accurate winner that met the floor
+    on_disk = last = None  # the plan whose file out_path holds; (plan, plans, measured ratio) of the last winner
     for _ in range(MAX_EXPORT_ROUNDS):
         results = {}
         for pad, table in tables.items():
-            chosen, feasible = select(table, max_bytes - overhead, max_seconds - _fixed_seconds(weights, model))
+            chosen, feasible = select(table, max_bytes - overhead, budget)
             smallest = sum(min(c.bytes for c in choices) for choices in table.values())
             results[pad] = PadPlan(pad, {n: c.ggml_type.name for n, c in chosen.items()}, sum(c.bytes for c in chosen.values()),
                                    sum(c.kl for c in chosen.values()), sum(c.seconds for c in chosen.values()), feasible, smallest)
         feasible = [p for p in results.values() if p.feasible]
+        if not feasible and last is not None:
+            break  # a tightened decode budget fits nothing: settle on what was measured
         if not feasible:
             smallest = min(results.values(), key=lambda p: p.smallest_tensor_bytes)
             raise RecoverLoraError(
@@ -366,24 +422,71 @@ def search_types(
                 "or add smaller --types"
             )
         best = min(feasible, key=lambda p: p.predicted_kl)
-        rules = [TensorTypeRule(re.escape(name), T[type_name]) for name, type_name in best.types.items()]
-        say(f"exporting the winner: pad {best.pad}, predicted KL {best.predicted_kl:.4f}, {best.tensor_bytes:,} tensor bytes ...")
-        result = export_model(source, out_path, Policy.named("w4", rules=rules), pad=best.pad, force=True, threads=threads,
-                              imatrix=matrix)
-        file_bytes = result.path.stat().st_size
-        if file_bytes <= max_bytes:
+        if last is not None and best.types == last[0].types:
+            break  # the bisection found no other file
+        file_bytes = _export_plan(source, out_path, best, matrix, threads, say)
+        on_disk = best
+        if file_bytes > max_bytes:
+            overhead += file_bytes - max_bytes  # metadata the estimate missed: shrink the tensor budget by it
+            continue
+        if not verify_decode or reference is None:
+            last = (best, list(results.values()), None)
             break
-        overhead += file_bytes - max_bytes  # metadata the estimate missed: shrink the tensor budget by it
-    else:
-        result.path.unlink()
+        say(f"timing the winner against {Path(reference).name} in llama.cpp ...")
+        ratio = measured_decode_ratio(Path(reference), Path(out_path), threads)
+        last = (best, list(results.values()), ratio)
+        if ratio >= floor * (1 - DECODE_TOLERANCE):
+            if kept is None or best.predicted_kl < kept[0].predicted_kl:
+                kept = last
+            met_at = budget
+            if missed_at is None and ratio <= floor * (1 + DECODE_TOLERANCE):
+                say(f"measured decode {ratio:.3f} x the reference: meets the floor {floor:.2f}")
+                break
+            say(f"measured decode {ratio:.3f} x the reference: meets the floor {floor:.2f}, trying a looser decode budget")
+        else:
+            say(f"measured decode {ratio:.3f} x the reference: below the floor {floor:.2f}, trying a tighter decode budget")
+            missed_at = budget
+        # Bisect once both sides are known; until then move by the measured surplus or shortfall.
+        budget = (missed_at + met_at) / 2 if missed_at is not None and met_at is not None else budget * ratio / floor
+    if last is None:
+        if on_disk is not None:
+            Path(out_path).unlink(missing_ok=True)  # this call's file, over the cap
         raise RecoverLoraError(f"the searched file stayed over {max_bytes:,} bytes after {MAX_EXPORT_ROUNDS} rounds; raise --max-bytes")
+    best, plans, measured_ratio = kept or last
+    if on_disk is not best:
+        _export_plan(source, out_path, best, matrix, threads, say)  # the most accurate file that met the floor
+    result_path = Path(out_path)
+    file_bytes = result_path.stat().st_size
     ratio = None
     if reference is not None:
-        ratio = file_decode_seconds(Path(reference), model) / file_decode_seconds(result.path, model)
-    return SearchResult(path=str(result.path), pad=best.pad, types=best.types, file_bytes=file_bytes, max_bytes=int(max_bytes),
+        ratio = file_decode_seconds(Path(reference), model) / file_decode_seconds(result_path, model)
+    return SearchResult(path=str(result_path), pad=best.pad, types=best.types, file_bytes=file_bytes, max_bytes=int(max_bytes),
                         predicted_kl=best.predicted_kl, predicted_decode_ratio=ratio,
-                        reference=None if reference is None else str(reference), plans=list(results.values()),
+                        reference=None if reference is None else str(reference), plans=plans,
+                        measured_decode_ratio=measured_ratio,
+                        decode_floor_met=None if measured_ratio is None else measured_ratio >= floor * (1 - DECODE_TOLERANCE),
                         seconds=round(time.perf_counter() - start, 1))
+
+
+def measured_decode_ratio(reference: Path, candidate: Path, threads: int | None = None) -> float:
+    """Decode tokens/s of `candidate` over `reference`'s, measured in llama.cpp: interleaved repeats (A B, B A, ...) at
+    depth 0, the median of the per-repeat ratios (`recover-lora bench` semantics)."""
+    from recover_lora.runtime.bench import BenchConfig, Variant, run_bench
+
+    records = run_bench([Variant(reference), Variant(candidate)],
+                        BenchConfig(depths=(0,), repeats=VERIFY_REPEATS, n_gen=VERIFY_N_GEN, threads=threads, hash_files=False))
+    return float(records[1]["ratio_vs_baseline"]["tg"]["median"])
+
+
+def _export_plan(source, out_path, plan: PadPlan, matrix, threads, say) -> int:
+    """Write `plan` to out_path through the exporter (one anchored rule per tensor; types checked, loaded in llama.cpp)."""
+    from recover_lora.export.policy import Policy, TensorTypeRule
+    from recover_lora.export.quantize import export_model
+
+    rules = [TensorTypeRule(re.escape(name), T[type_name]) for name, type_name in plan.types.items()]
+    say(f"exporting the winner: pad {plan.pad}, predicted KL {plan.predicted_kl:.4f}, {plan.tensor_bytes:,} tensor bytes ...")
+    result = export_model(source, out_path, Policy.named("w4", rules=rules), pad=plan.pad, force=True, threads=threads, imatrix=matrix)
+    return result.path.stat().st_size
 
 
 def _fixed_bytes(weights) -> int:

@@ -132,6 +132,10 @@ def files_section(files: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f} ×"
+
+
 def search_section(search: dict, heldout_rows: dict, speed: list[dict], reference: str) -> list[str]:
     """What the type search chose, and its predictions beside what the held-out text and the bench measured."""
     depth = min((row["depth"] for row in speed), default=None)
@@ -151,7 +155,8 @@ def search_section(search: dict, heldout_rows: dict, speed: list[dict], referenc
         f"- Predicted KL (½ Σ F ΔW², the teacher's Fisher diagonal) {search['predicted_kl']:.4f}; held-out KL "
         f"{heldout_rows['searched']['kl_to_teacher']:.4f} ({reference}: {heldout_rows[reference]['kl_to_teacher']:.4f}).",
         f"- Predicted decode {search['predicted_decode_ratio']:.2f} × {reference} (llama.cpp's measured rate of each type on this "
-        f"machine); measured {'—' if measured_ratio is None else f'{measured_ratio:.2f} ×'} at depth {depth}.",
+        f"machine); the search's own timing of the winner against it {_ratio(search.get('measured_decode_ratio'))}; "
+        f"the bench step's {_ratio(measured_ratio)} at depth {depth}.",
     ]
     return lines
 
