@@ -233,3 +233,36 @@ def test_selection_makes_a_slow_small_start_fast_enough_then_spends_the_bytes():
     assert sorted(c.ggml_type for c in chosen.values()) == [T.Q4_0, T.Q8_0]  # the spare bytes buy one Q8_0
     _, feasible = select(table, max_bytes=240, max_seconds=4.0)
     assert not feasible  # 4 s needs at least one Q4_0 beside a Q2_K: 250 bytes
+
+
+def test_pareto_command_joins_files_heldout_reports_and_bench_records(stories_dir, tmp_path, capsys):
+    import json
+
+    from recover_lora.cli import main
+    from recover_lora.recovery.heldout import heldout_report
+    from recover_lora.runtime.bench import BenchConfig, Variant, run_bench
+    from recover_lora.runtime.records import append_records
+
+    torch_threads()
+    rules = [TensorTypeRule(r".*ffn_down.*", T.F16), TensorTypeRule(".*", T.Q8_0)]  # ffn_down's rows are 172 wide
+    q8 = export_model(stories_dir, tmp_path / "q8.gguf", Policy.named("w4", rules=rules), pad="none").path
+    f16 = export_model(stories_dir, tmp_path / "f16.gguf", Policy.named("w4", rules=[TensorTypeRule(".*", T.F16)]), pad="none").path
+    reports = []
+    for path in (q8, f16):
+        report = heldout_report(path, None, teacher_source=stories_dir, max_tokens=512, window=64, device="cpu")
+        reports.append(tmp_path / f"heldout-{path.stem}.json")
+        reports[-1].write_text(json.dumps(report, default=str))
+    append_records(tmp_path / "bench.jsonl", run_bench([Variant(f16), Variant(q8)], BenchConfig(depths=(0,), repeats=1, n_gen=4, threads=2)))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pareto", str(f16), str(q8), "--heldout", str(reports[0]), "--heldout", str(reports[1]),
+              "--bench", str(tmp_path / "bench.jsonl"), "-o", str(tmp_path / "table.md")])
+    assert exit_info.value.code == 0
+    table = (tmp_path / "table.md").read_text()
+    kl = {p.name: json.loads(r.read_text())["rows"][1]["kl_to_teacher"] for p, r in zip((q8, f16), reports)}
+    assert kl["f16.gguf"] < kl["q8.gguf"]  # F16 is closer to the teacher, Q8_0 smaller: neither dominates on those two
+    for name in ("q8.gguf", "f16.gguf"):
+        assert f"| {name} | {Path(tmp_path / name).stat().st_size / 1e6:.1f} |" in table and f"{kl[name]:.4f}" in table
+    assert "decode vs f16.gguf" in table
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pareto", str(tmp_path / "missing.gguf")])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
