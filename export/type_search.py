@@ -45,6 +45,7 @@ PAD_CHOICES = ("none", "auto")
 # A row of bytes read per decode token for an untied token embedding (a lookup), else every weight.
 TOKEN_EMBEDDING = "token_embd.weight"
 MAX_EXPORT_ROUNDS = 4
+GGUF_ALIGNMENT = 32  # general.alignment's default: each tensor's data starts on such a boundary
 # A measured decode ratio this close below the floor meets it: the per-repeat ratios of 5 interleaved repeats
 # scatter by a few per cent on a 2-core machine, and chasing that noise would trade accuracy for nothing.
 DECODE_TOLERANCE = 0.01
@@ -385,7 +386,9 @@ def search_types(
     ids, counted, _ = calibration_windows(source, samples, text, max_samples, seq_len)
     say(f"Fisher diagonal of the teacher on {int(counted.sum())} tokens ...")
     fisher = kl_fisher_diagonal(source, ids, counted, device=device)
-    fixed = _fixed_bytes(weights)
+    # What every choice under one padding shares: its F32 tensors (padded norms are wider) in bytes and decode seconds.
+    fixed_bytes: dict[str, int] = {}
+    fixed_seconds: dict[str, float] = {}
     tables: dict[str, dict[str, list[Choice]]] = {}
     for pad in pads:
         if pad == "auto" and not needs_padding(weights.config):
@@ -395,11 +398,13 @@ def search_types(
         say(f"[pad {pad}] quantizing every tensor in {len(candidates)} candidate types ...")
         table = choice_table(exported, fisher, pad_matrix, candidates, model, threads, say)
         tables[pad] = table
+        fixed_bytes[pad], fixed_seconds[pad] = _fixed_bytes(exported), _fixed_seconds(exported, model)
+    fixed_names = [n for n in weights.config.arch.gguf_tensor_shapes(weights.config) if n not in next(iter(tables.values()))]
     # The tensor budget: the cap less the F32 tensors and metadata (learned from the file, below). The decode budget:
     # the reference's predicted seconds over the floor. llama.cpp then times each winner against the reference, and the
     # budget moves by the measured shortfall (or surplus) until one budget missed the floor and one met it, then is
     # bisected between them; the file kept is the most accurate winner that met it.
-    overhead, budget = fixed, max_seconds - _fixed_seconds(weights, model)
+    overhead, budget = 0, max_seconds  # overhead: metadata bytes the first guess missed; budget: a token's seconds
     floor = 1.0 if min_decode is None else min_decode
     missed_at = met_at = None  # decode budgets whose winners llama.cpp timed below / at the floor
     kept = None  # (plan, plans, measured ratio) of the most accurate winner that met the floor
@@ -407,7 +412,7 @@ def search_types(
     for _ in range(MAX_EXPORT_ROUNDS):
         results = {}
         for pad, table in tables.items():
-            chosen, feasible = select(table, max_bytes - overhead, budget)
+            chosen, feasible = select(table, max_bytes - fixed_bytes[pad] - overhead, budget - fixed_seconds[pad])
             smallest = sum(min(c.bytes for c in choices) for choices in table.values())
             results[pad] = PadPlan(pad, {n: c.ggml_type.name for n, c in chosen.items()}, sum(c.bytes for c in chosen.values()),
                                    sum(c.kl for c in chosen.values()), sum(c.seconds for c in chosen.values()), feasible, smallest)
@@ -418,7 +423,7 @@ def search_types(
             smallest = min(results.values(), key=lambda p: p.smallest_tensor_bytes)
             raise RecoverLoraError(
                 f"no choice of types fits {max_bytes:,} bytes and the decode floor: the smallest file this search can make is about "
-                f"{smallest.smallest_tensor_bytes + overhead:,} bytes (pad {smallest.pad}); raise --max-bytes, lower --min-decode "
+                f"{smallest.smallest_tensor_bytes + fixed_bytes[smallest.pad] + overhead:,} bytes (pad {smallest.pad}); raise --max-bytes, lower --min-decode "
                 "or add smaller --types"
             )
         best = min(feasible, key=lambda p: p.predicted_kl)
@@ -427,7 +432,9 @@ def search_types(
         file_bytes = _export_plan(source, out_path, best, matrix, threads, say)
         on_disk = best
         if file_bytes > max_bytes:
-            overhead += file_bytes - max_bytes  # metadata the estimate missed: shrink the tensor budget by it
+            # What the file holds besides its tensors' data (metadata, vocabulary), measured, plus the worst case of
+            # GGUF's per-tensor alignment, which depends on the types chosen: the next selection fits by construction.
+            overhead = file_bytes - best.tensor_bytes - fixed_bytes[best.pad] + GGUF_ALIGNMENT * (len(best.types) + len(fixed_names))
             continue
         if not verify_decode or reference is None:
             last = (best, list(results.values()), None)
