@@ -225,21 +225,16 @@ def choice_table(weights, fisher: dict[str, np.ndarray], matrix, candidates: tup
             sensitivity = pad_tensor(hf, sensitivity, unpadded, config)
         sensitivity = arch.to_gguf(hf, sensitivity, config)
         importance = quantizer_weights(matrix, [name])[name] if matrix is not None and name in matrix.sums else None
+        # No candidate block divides the rows (e.g. 172 wide): llama.cpp's own presets keep such a tensor F16.
+        fitting = [t for t in candidates if array.shape[1] % gguf.GGML_QUANT_SIZES[t][0] == 0] or [T.F16]
         choices = []
-        for ggml_type in candidates:
-            block, _ = gguf.GGML_QUANT_SIZES[ggml_type]
-            if array.shape[1] % block:
-                continue
+        for ggml_type in fitting:
             weights_for_type = importance
             if weights_for_type is None and ggml_type in TYPES_NEEDING_IMATRIX:
                 weights_for_type = np.ones(array.shape[1], dtype=np.float32)  # as the exporter hands llama.cpp
             restored, n_bytes = round_trip(array, ggml_type, weights_for_type, threads)
             kl = 0.5 * float(np.sum(sensitivity * (restored - array) ** 2, dtype=np.float64))
             choices.append(Choice(ggml_type, n_bytes, kl, model.seconds(name, array.shape, ggml_type, n_bytes, tied)))
-        if not choices:  # no block divides the rows (e.g. 172 wide): llama.cpp's own presets keep such a tensor F16
-            restored, n_bytes = round_trip(array, T.F16)
-            kl = 0.5 * float(np.sum(sensitivity * (restored - array) ** 2, dtype=np.float64))
-            choices.append(Choice(T.F16, n_bytes, kl, model.seconds(name, array.shape, T.F16, n_bytes, tied)))
         table[name] = choices
         if progress and (index + 1) % 25 == 0:
             progress(f"quantized {index + 1}/{len(names)} tensors in every candidate type")
