@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from recover_lora.errors import RecoverLoraError
-from recover_lora.export.q2k_blocks import MAX_SCALE_CODE, Q2KBlocks
+from recover_lora.export.ggml_blocks import Q2KBlocks
 
 BLOCK_SCALES_FILE = "block_scales.safetensors"
 # Adam moves every parameter by about its learning rate per step. The codes live on a 0..15 grid, the
@@ -44,6 +44,11 @@ CODE_LR_MULTIPLIER = 20.0
 def _straight_through(value: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
     """`rounded` forward, identity backward."""
     return value + (rounded - value).detach()
+
+
+def _stored(codes: torch.Tensor, field) -> torch.Tensor:
+    """Real-valued codes as the field's bits hold them: clamped to its range, rounded."""
+    return codes.clamp(field.low, field.high).round()
 
 
 class Q2KWeight(nn.Module):
@@ -66,16 +71,14 @@ class Q2KWeight(nn.Module):
         dmin = self.dmin0 * torch.exp(self.log_dmin)
         d = _straight_through(d, d.detach().half().float())
         dmin = _straight_through(dmin, dmin.detach().half().float())
-        scale_codes = _straight_through(self.scale_codes, self.scale_codes.detach().clamp(0, MAX_SCALE_CODE).round())
-        min_codes = _straight_through(self.min_codes, self.min_codes.detach().clamp(0, MAX_SCALE_CODE).round())
+        scale_codes = _straight_through(self.scale_codes, _stored(self.scale_codes.detach(), Q2KBlocks.FIELDS["scale_codes"]))
+        min_codes = _straight_through(self.min_codes, _stored(self.min_codes.detach(), Q2KBlocks.FIELDS["min_codes"]))
         return d, dmin, scale_codes, min_codes
 
     def forward(self) -> torch.Tensor:
         d, dmin, scale_codes, min_codes = self.rounded()
-        # Same operations in the same order as ggml's dequantize_row_q2_K (and Q2KBlocks.dequantize).
-        scale = d[:, None] * scale_codes
-        minimum = dmin[:, None] * min_codes
-        weight = scale[:, :, None] * self.codes.to(scale.dtype) - minimum[:, :, None]
+        # ggml's dequantize_row_q2_K, operation for operation: bit-identical to what the GGUF will hold.
+        weight = Q2KBlocks.torch_dequantize(codes=self.codes.to(d.dtype), scale_codes=scale_codes, min_codes=min_codes, d=d, dmin=dmin)
         return weight.reshape(self.shape)
 
     def to_blocks(self) -> Q2KBlocks:
@@ -85,8 +88,8 @@ class Q2KWeight(nn.Module):
             codes=self.codes.cpu().numpy(),
             scale_codes=scale_codes.cpu().numpy().astype(np.uint8),
             min_codes=min_codes.cpu().numpy().astype(np.uint8),
-            d=d.cpu().numpy().astype(np.float16),
-            dmin=dmin.cpu().numpy().astype(np.float16),
+            d=d.cpu().numpy(),
+            dmin=dmin.cpu().numpy(),
         )
 
     def code_parameters(self) -> list[nn.Parameter]:

@@ -34,10 +34,9 @@ import gguf
 import numpy as np
 
 from recover_lora.errors import RecoverLoraError
-from recover_lora.export.q2k_blocks import SUB_BLOCKS, WEIGHTS_PER_SUB_BLOCK, Q2KBlocks
+from recover_lora.export.ggml_blocks import Q2KBlocks
 from recover_lora.fileio import atomic_output, check_output
 
-MAX_CODE = 3  # 2-bit codes
 DEFAULT_DAMP = 0.01  # of the mean diagonal of XᵀX, added to it (GPTQ's default): keeps the inverse stable
 DEFAULT_SAMPLES = 128  # synthetic samples XᵀX comes from: the importance matrix's, in² per layer input
 # torch is imported inside the functions: the CLI reads the defaults above without loading it.
@@ -89,7 +88,7 @@ def gptq_codes(
         factor = upper[start:stop, start:stop]
         for i in range(stop - start):
             c = start + i
-            code = torch.clamp(torch.round((chunk[:, i] + minimum[:, c]) / step[:, c]), 0, MAX_CODE)
+            code = torch.clamp(torch.round((chunk[:, i] + minimum[:, c]) / step[:, c]), 0, Q2KBlocks.MAX_CODE)
             code = torch.where(usable[:, c], code, torch.zeros_like(code))
             codes[:, c] = code.to(torch.uint8)
             error = (chunk[:, i] - (scale[:, c] * code - minimum[:, c])) / factor[i, i]
@@ -111,7 +110,8 @@ def per_weight(values: np.ndarray, rows: int, cols: int) -> torch.Tensor:
     """[n_blocks, 16] sub-block values -> float64 [rows, cols], one per weight."""
     import torch
 
-    return torch.from_numpy(values.astype(np.float64)).reshape(rows, cols // WEIGHTS_PER_SUB_BLOCK).repeat_interleave(WEIGHTS_PER_SUB_BLOCK, dim=1)
+    per_sub_block = Q2KBlocks.WEIGHTS_PER_SUB_BLOCK
+    return torch.from_numpy(values.astype(np.float64)).reshape(rows, cols // per_sub_block).repeat_interleave(per_sub_block, dim=1)
 
 
 def with_gptq_codes(blocks: Q2KBlocks, shape: tuple[int, int], target: torch.Tensor, gram: torch.Tensor,
@@ -120,7 +120,7 @@ def with_gptq_codes(blocks: Q2KBlocks, shape: tuple[int, int], target: torch.Ten
     rows, cols = shape
     scale, minimum = blocks.sub_block_scales()
     codes = gptq_codes(target, per_weight(scale, rows, cols), per_weight(minimum, rows, cols), gram, damp)
-    return Q2KBlocks(codes=codes.numpy().reshape(-1, SUB_BLOCKS, WEIGHTS_PER_SUB_BLOCK), scale_codes=blocks.scale_codes.copy(),
+    return Q2KBlocks(codes=codes.numpy().reshape(-1, Q2KBlocks.SUB_BLOCKS, Q2KBlocks.WEIGHTS_PER_SUB_BLOCK), scale_codes=blocks.scale_codes.copy(),
                      min_codes=blocks.min_codes.copy(), d=blocks.d.copy(), dmin=blocks.dmin.copy())
 
 

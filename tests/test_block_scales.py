@@ -13,7 +13,7 @@ import torch
 from conftest import STORIES_DIR, llama_cpp_logits, sample_tokens, torch_logits, torch_threads
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.gguf_header import read_gguf_header
-from recover_lora.export.q2k_blocks import Q2KBlocks
+from recover_lora.export.ggml_blocks import Q2KBlocks
 from recover_lora.recovery.block_scales import BLOCK_SCALES_FILE, Q2KWeight, read_q2k_tensor, replace_with_block_scales
 from recover_lora.recovery.distill import TrainConfig, train
 from recover_lora.recovery.merge import merge_run

@@ -12,7 +12,7 @@ import torch
 from conftest import STORIES_DIR, TINY_CONFIGS, llama_cpp_logits, make_tiny_hf_model, sample_tokens, torch_logits, torch_threads
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.gguf_header import read_gguf_header
-from recover_lora.export.q2k_blocks import Q2KBlocks
+from recover_lora.export.ggml_blocks import Q2KBlocks
 from recover_lora.recovery.activations import counted_positions
 from recover_lora.recovery.block_scales import read_q2k_tensor
 from recover_lora.recovery.gptq import gptq_codes, input_grams, output_error, per_weight, refine_codes, with_gptq_codes
