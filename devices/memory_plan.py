@@ -51,11 +51,11 @@ from recover_lora.devices.memory_sizes import (
 )
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.model import ModelConfig
+from recover_lora.manifest import STEPS
 from recover_lora.recovery.train_config import DTYPES
 
 GiB = 1 << 30
 MiB = 1 << 20
-STEPS = ("synth", "imatrix", "export", "baselines", "search", "train", "recover", "heldout", "eval", "bench", "report")  # = pipeline.STEPS
 
 # -- Fixed costs (measured here with `make bench-memory`, but the CUDA allowance: no GPU was available) -------
 TORCH_PROCESS_BYTES = 400 * MiB  # RSS of a torch step before any model: python, torch, transformers, peft, typer
@@ -152,6 +152,7 @@ class PlanSettings:
     policies: tuple[str, ...] = ("w4", "gateup")
     steps: tuple[str, ...] = STEPS
     baseline_presets: tuple[str, ...] = ()  # llama.cpp presets of the baselines step
+    autoround_baselines: tuple[str, ...] = ()  # AutoRound files of the autoround step ("scheme@iters")
 
 
 def plan_settings(preset: str = "cpu-demo", overrides: Mapping | None = None, policies: tuple[str, ...] = ("w4", "gateup"),
@@ -167,7 +168,7 @@ def plan_settings(preset: str = "cpu-demo", overrides: Mapping | None = None, po
         recover=TrainPlan.from_settings({**p.recover, **extra}, n, seq), synth_samples=n, synth_seq_len=seq,
         synth_batch_size=p.synth_batch_size, imatrix_samples=p.imatrix_samples, gptq_codes=p.gptq_codes,
         bench_n_ctx=max(p.bench_depths) + p.bench_n_gen + LLAMA_N_UBATCH, policies=policies, steps=steps,
-        baseline_presets=p.baseline_presets)
+        baseline_presets=p.baseline_presets, autoround_baselines=p.autoround_baselines)
 
 
 @dataclass(frozen=True)
@@ -437,6 +438,23 @@ def search_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict, 
     return host, gpu
 
 
+def autoround_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict, dict, int, int, str]:
+    """export.autoround: the teacher saved as a Hugging Face folder (a temporary copy on disk, fp32 up to the work file's
+    limit), loaded back by AutoRound, which caches every calibration window's block input and output (fp32) and tunes
+    one block at a time on a copy of its weights; then its GGUF converter holds the quantized model once more."""
+    on_gpu = gpus > 0
+    teacher = n_params(sizes.teacher) * (4 if work_is_f32(sizes.teacher) else 2)
+    block_io = 2 * s.imatrix_samples * s.synth_seq_len * sizes.teacher.hidden_size * 4
+    host, gpu = {"process": TORCH_PROCESS_BYTES, **teacher_reading(sizes), "teacher (AutoRound's copy)": teacher,
+                 "block inputs and outputs": block_io, "GGUF being written": file_bytes(sizes.policy_tensors["w4"])}, {}
+    if on_gpu:
+        gpu |= {"CUDA context": CUDA_CONTEXT_BYTES, "block being tuned": 3 * teacher // max(1, sizes.teacher.num_layers),
+                "block inputs and outputs": block_io}
+        del host["block inputs and outputs"]
+    written = len(s.autoround_baselines) * file_bytes(sizes.policy_tensors["w4"])
+    return host, gpu, written, teacher, f"{len(s.autoround_baselines)} AutoRound files, a teacher folder on disk while each is made"
+
+
 def llama_cpp_host(config: ModelConfig, file_size: int, n_ctx: int, all_logits: bool) -> dict:
     """llama.cpp on the CPU: the mapped file, the F16 KV cache, its compute buffer and (eval) the [n_ctx, vocab] scores."""
     parts = {"process": LLAMA_PROCESS_BYTES, "GGUF mapped": file_size,
@@ -496,6 +514,7 @@ def plan_memory(sizes: ModelSizes, settings: PlanSettings, available: Available)
         "baselines": lambda: (*export_memory(sizes, "w4", mapped_source=sizes.teacher_file_bytes > 0)[:1], {},
                               len(settings.baseline_presets) * file_bytes(sizes.policy_tensors["w4"]),
                               work_file_bytes(sizes.student)),
+        "autoround": lambda: autoround_memory(sizes, settings, gpus),
         "search": lambda: (*search_memory(sizes, settings, gpus), file_bytes(sizes.policy_tensors["w4"]), work_file_bytes(sizes.student)),
         "train": lambda: train_memory(sizes, settings.train, gpus),
         "recover": recover,

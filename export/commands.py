@@ -12,6 +12,7 @@ def register(app: typer.Typer) -> None:
     app.command("export")(export_command)
     app.command("inspect")(inspect_command)
     app.command("search")(search_command)
+    app.command("autoround")(autoround_command)
 
 
 def export_command(
@@ -133,3 +134,29 @@ def search_command(
                    "--min-decode; lower the floor or add faster --types", err=True)
     if json_out is not None:
         write_search_json(result, json_out)
+
+
+def autoround_command(
+    model: Optional[str] = typer.Argument(None, help="Full-precision model: HF folder, .gguf or a named model (default: SmolLM2-135M-Instruct)"),
+    out: Path = typer.Option(..., "--out", "-o", help="The AutoRound .gguf to write"),
+    scheme: str = typer.Option("q3_k_m", "--scheme", help="AutoRound's GGUF scheme: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k_s, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k"),
+    iters: int = typer.Option(200, "--iters", help="Tuning steps per block (0 = AutoRound's optimized RTN, no tuning; 200 = its default)"),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="Calibration text: a `recover-lora synth` folder"),
+    text: Optional[Path] = typer.Option(None, "--text", help="Or a .txt / .jsonl file"),
+    max_samples: int = typer.Option(128, "--max-samples", help="Calibration windows"),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window of --text"),
+    device: str = typer.Option("cpu", "--device", help="Where AutoRound tunes: cpu, cuda, ..."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output"),
+) -> None:
+    """Quantize with AutoRound (its own GGUF writer), calibrated on our text: the baseline beside llama.cpp's presets."""
+    from recover_lora.export.autoround import AutoRoundBaseline, autoround_gguf
+    from recover_lora.export.gguf_info import format_summary, summarize_gguf
+    from recover_lora.fileio import check_output
+    from recover_lora.recovery.imatrix import calibration_windows
+
+    baseline = AutoRoundBaseline.parse(f"{scheme}@{iters}")
+    check_output(out, force)  # before the calibration text is read
+    ids, _, _ = calibration_windows(model, samples, text, max_samples=max_samples, seq_len=seq_len if text else None)
+    result = autoround_gguf(model, out, baseline, ids, device=device, force=force)
+    typer.echo(format_summary(summarize_gguf(result.path), per_tensor=False))
+    typer.echo(f"{baseline.label}: wrote {result.path}")

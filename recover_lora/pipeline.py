@@ -6,6 +6,7 @@ Steps (each a call into its stage's own function; this module only orders them):
   export   -> w4.gguf, gateup.gguf (+ optional policies)          export.quantize.export_model (--imatrix),
                                                                    then recovery.gptq.refine_codes (Q2_K codes)
   baselines-> baselines/<PRESET>.gguf (llama.cpp's stock presets)  export.llama_presets.export_llama_preset
+  autoround-> baselines/autoround-<scheme>-iters<N>.gguf             export.autoround.autoround_gguf
   search   -> searched.gguf, search.json (types and padding        export.type_search.search_types
               chosen under the reference preset's bytes and decode)
   train    -> train/ (peft adapter + adapter.gguf)                 recovery.distill.train
@@ -26,23 +27,20 @@ report from it and the step outputs alone. `DIR/file_hashes.json` remembers file
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from recover_lora.errors import RecoverLoraError
 from recover_lora.fileio import atomic_output, load_hash_cache, save_hash_cache, sha256_file
+from recover_lora.manifest import STEPS, Manifest, StepRecord, digest_of
 from recover_lora.presets import get_preset
 
-# synth needs only the teacher, so it comes first: its text feeds the importance matrix of the exports.
-STEPS = ("synth", "imatrix", "export", "baselines", "search", "train", "recover", "heldout", "eval", "bench", "report")
-MANIFEST_FILE = "pipeline.json"
-MANIFEST_VERSION = 1
 HASH_CACHE_FILE = "file_hashes.json"
 
 
@@ -98,58 +96,11 @@ class PipelineConfig:
         return "all" in self.force or step in self.force
 
 
-@dataclass
-class StepRecord:
-    inputs_digest: str
-    outputs: dict[str, str]  # path relative to out_dir -> sha256
-    seconds: float
-    summary: dict = field(default_factory=dict)
-
-
-class Manifest:
-    """DIR/pipeline.json: what each finished step read and wrote (rewritten atomically)."""
-
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / MANIFEST_FILE
-        self.out_dir = out_dir
-        self.steps: dict[str, StepRecord] = {}
-        self.started: dict[str, str] = {}  # step -> inputs digest of a run that has not finished (yet)
-        self.meta: dict = {}
-        if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-                self.steps = {name: StepRecord(**record) for name, record in data["steps"].items()}
-                self.started = dict(data.get("started", {}))
-                self.meta = data.get("meta", {})
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise RecoverLoraError(f"{self.path} is corrupt ({e}); delete it or pass --force all") from None
-
-    def save(self) -> None:
-        data = {"version": MANIFEST_VERSION, "meta": self.meta, "started": self.started,
-                "steps": {k: asdict(v) for k, v in self.steps.items()}}
-        with atomic_output(self.path, force=True) as tmp:
-            tmp.write_text(json.dumps(data, indent=2))
-
-    def hashes(self, outputs: list[Path]) -> dict[str, str] | None:
-        """Hashes of the outputs, or None if one is missing."""
-        if not all(p.is_file() for p in outputs):
-            return None
-        return {str(p.relative_to(self.out_dir)): sha256_file(p) for p in outputs}
-
-    def up_to_date(self, step: str, digest: str, outputs: list[Path]) -> bool:
-        record = self.steps.get(step)
-        return record is not None and record.inputs_digest == digest and self.hashes(outputs) == record.outputs
-
-
 def _size_summary(summary) -> dict:
     """What the report tells of a file: bytes, bits per weight over the model's own parameters (the padded count beside)."""
     return {"file_bytes": summary.file_bytes, "linear_bpw": summary.linear_bits_per_weight, "file_bpw": summary.file_bits_per_weight,
             "padded_file_bpw": summary.padded_file_bits_per_weight, "model_parameters": summary.model_parameters,
             "types": summary.count_by_type()}
-
-
-def digest_of(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def say(message: str) -> None:
@@ -256,15 +207,37 @@ class Pipeline:
 
         return self._step("export", inputs, outputs, action)
 
-    def baseline_files(self) -> dict[str, Path]:
-        """Label -> file of each stock-preset baseline."""
+    def stock_files(self) -> dict[str, Path]:
+        """Label -> file of each llama.cpp stock-preset baseline."""
         return {BASELINE_LABEL.format(preset=p): self.path["baselines"] / f"{p}.gguf" for p in self.preset.baseline_presets}
+
+    @functools.cached_property
+    def autoround_refusal(self) -> str | None:
+        """Why AutoRound cannot write this model's GGUF (its converter's architectures), or None."""
+        if not self.preset.autoround_baselines:
+            return None
+        from recover_lora.export.autoround import model_architecture, unsupported_reason
+
+        return unsupported_reason(model_architecture(self.config.model))
+
+    def autoround_files(self) -> dict[str, Path]:
+        """Label -> file of each AutoRound baseline (none when AutoRound cannot write this model)."""
+        from recover_lora.export.autoround import AutoRoundBaseline
+
+        if self.autoround_refusal is not None:
+            return {}
+        baselines = [AutoRoundBaseline.parse(text) for text in self.preset.autoround_baselines]
+        return {b.label: self.path["baselines"] / b.file_name for b in baselines}
+
+    def baseline_files(self) -> dict[str, Path]:
+        """Label -> file of every baseline a user would make instead: llama.cpp's presets, then AutoRound's files."""
+        return self.stock_files() | self.autoround_files()
 
     def baselines(self) -> dict:
         from recover_lora.export.gguf_info import summarize_gguf
         from recover_lora.export.llama_presets import export_llama_preset
 
-        outputs = list(self.baseline_files().values())
+        outputs = list(self.stock_files().values())
         inputs = {"source": self._source_identity(), "presets": self.preset.baseline_presets, **self._hash(self.path["imatrix"])}
 
         def action() -> dict:
@@ -278,6 +251,46 @@ class Pipeline:
                     "files": sizes}
 
         return self._step("baselines", inputs, outputs, action)
+
+    def autoround(self) -> dict:
+        from importlib.metadata import version
+
+        from recover_lora.export.autoround import AutoRoundBaseline, autoround_gguf
+        from recover_lora.export.gguf_info import summarize_gguf
+        from recover_lora.recovery.distill import pick_device
+        from recover_lora.recovery.imatrix import calibration_windows
+
+        files = self.autoround_files()
+        settings = {"baselines": self.preset.autoround_baselines, "samples": self.preset.imatrix_samples, "seed": self.config.seed,
+                    "auto-round": version("auto-round")}
+        inputs = {"source": self._source_identity(), "settings": settings, "refused": self.autoround_refusal,
+                  **self._hash(self.path["synth"] / "samples.safetensors")}
+
+        def action(resuming: bool) -> dict:
+            self.path["baselines"].mkdir(exist_ok=True)
+            if not resuming:  # so that a file found on a resume is one this same run finished (each is written atomically)
+                for path in files.values():
+                    path.unlink(missing_ok=True)
+            # The importance matrix's own windows: every baseline calibrates on the same tokens of the teacher's text.
+            if self.autoround_refusal is not None:
+                say(f"[autoround] {self.autoround_refusal}: no AutoRound baseline")
+                return {"line": f"none: {self.autoround_refusal}", "refused": self.autoround_refusal, "files": {}, "seconds": {}}
+            ids, _, _ = calibration_windows(self.config.model, self.path["synth"], None, max_samples=self.preset.imatrix_samples)
+            sizes, seconds = {}, {}
+            for text, (label, path) in zip(self.preset.autoround_baselines, files.items()):
+                if path.is_file():
+                    say(f"[autoround] {label}: kept from the interrupted run")
+                else:
+                    say(f"[autoround] {label} ...")
+                    start = time.perf_counter()
+                    autoround_gguf(self.config.model, path, AutoRoundBaseline.parse(text), ids, seed=self.config.seed,
+                                   device=str(pick_device(self.config.device)), force=True)
+                    seconds[label] = round(time.perf_counter() - start, 1)
+                sizes[label] = _size_summary(summarize_gguf(path))
+            return {"line": ", ".join(f"{label} {s['file_bytes'] / 2**20:.1f} MiB ({s['file_bpw']:.2f} bpw)" for label, s in sizes.items()),
+                    "files": sizes, "seconds": seconds}
+
+        return self._step("autoround", inputs, list(files.values()), action, resumable=True)
 
     def search(self) -> dict:
         from recover_lora.export.gguf_info import summarize_gguf
@@ -544,7 +557,7 @@ class Pipeline:
         from importlib.metadata import PackageNotFoundError, version
 
         versions = {}
-        for package in ("recover-lora", "llama-cpp-python", "torch", "transformers", "peft", "gguf", "lm-eval", "numpy"):
+        for package in ("recover-lora", "llama-cpp-python", "torch", "transformers", "peft", "gguf", "lm-eval", "auto-round", "numpy"):
             try:
                 versions[package] = version(package)
             except PackageNotFoundError:
@@ -570,6 +583,7 @@ def run_pipeline(config: PipelineConfig, commands: list[str] | None = None) -> P
     pipeline.imatrix()
     pipeline.export()
     pipeline.baselines()
+    pipeline.autoround()
     pipeline.search()
     pipeline.train()
     pipeline.recover()

@@ -100,6 +100,10 @@ class Preset:
     # matrix, no overrides), and the one whose bytes and decode rate cap the type search (`search` step).
     baseline_presets: tuple[str, ...] = ("Q4_K_M", "Q3_K_M", "IQ4_XS", "IQ4_NL", "IQ3_M", "IQ3_XXS", "Q2_K")
     search_reference: str = "IQ4_XS"
+    # AutoRound's own GGUF files, the other baseline (`autoround` step): "scheme@iters", iters 0 = its optimized RTN,
+    # 200 = its default tuning. Calibrated on the importance matrix's windows. Measured on the default model
+    # (2 cores, README "AutoRound"): iters 0 takes ~1.5 min a file, iters 200 ~20 min.
+    autoround_baselines: tuple[str, ...] = ("q4_k_m@0", "q3_k_m@0", "q2_k_s@0", "q3_k_m@200")
     # Calibration windows (the first synthetic samples) of the search's Fisher diagonal (README "Type search" sets
     # its predicted KL beside the held-out one).
     search_samples: int = 32
@@ -122,6 +126,10 @@ class Preset:
         for name in ("matvec_layers", "attention_layers"):
             if getattr(self, name) < 0:
                 raise RecoverLoraError(f"preset {self.name}: {name}={getattr(self, name)} must be >= 0 (0 skips that probe)")
+        from recover_lora.export.autoround import AutoRoundBaseline
+
+        for text in self.autoround_baselines:
+            AutoRoundBaseline.parse(text)  # an unknown scheme fails here, not an hour into a run
         if self.search_reference not in self.baseline_presets:
             raise RecoverLoraError(f"preset {self.name}: search_reference {self.search_reference!r} must be one of its baseline_presets")
         if self.eval_limit is not None and self.eval_limit <= 0:
@@ -171,7 +179,7 @@ PRESETS: dict[str, Preset] = {
         heldout_tokens=512, eval_tasks="quick3", eval_limit=4,
         bench_depths=(0,), bench_repeats=1, bench_n_gen=4, roofline_contexts=(0, 256),
         probe_array_mib=16, matvec_layers=0, attention_layers=0, imatrix_samples=4,
-        baseline_presets=("Q4_K_M", "IQ4_XS"), search_samples=4,
+        baseline_presets=("Q4_K_M", "IQ4_XS"), search_samples=4, autoround_baselines=("q4_k_m@0",),
     ),
 }
 

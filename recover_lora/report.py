@@ -14,7 +14,7 @@ from pathlib import Path
 
 from recover_lora.errors import RecoverLoraError
 from recover_lora.fileio import atomic_output
-from recover_lora.pipeline import MANIFEST_FILE, STEPS
+from recover_lora.manifest import MANIFEST_FILE, STEPS
 
 ACCURACY_PLOT = "accuracy.png"
 SPEED_PLOT = "tokens_per_s.png"
@@ -332,6 +332,11 @@ def write_report(out_dir: str | os.PathLike) -> Path:
     file_sizes = {f"{policy}.gguf": info for policy, info in export_summary["files"].items()}
     file_sizes[files["searched"]] = steps["search"]["summary"]["file"]
     file_sizes |= {f"{files['baselines']}/{preset}.gguf": info for preset, info in steps["baselines"]["summary"]["files"].items()}
+    autoround = steps.get("autoround", {}).get("summary", {})
+    file_sizes |= {meta["baselines"][label]: info for label, info in autoround.get("files", {}).items()}
+    autoround_text = (f"AutoRound's files (`recover-lora autoround`, {', '.join(f'{k} {v / 60:.1f} min' for k, v in autoround['seconds'].items()) or 'times in its step'}) "
+                      "are its own GGUF writer's, calibrated on the importance matrix's windows." if autoround.get("files")
+                      else f"No AutoRound file: {autoround['refused']}." if autoround.get("refused") else "")
     adapter = out / variants[roles["adapter"]]["lora"]
     recover_summary = steps.get("recover", {}).get("summary", {})
     lines = [
@@ -372,7 +377,7 @@ def write_report(out_dir: str | os.PathLike) -> Path:
         "## Which variant to deploy",
         "",
         "The stock presets are llama.cpp's own (`recover-lora export --llama-preset P`: the model's own widths, llama.cpp's "
-        "per-tensor mix and fallbacks, this run's importance matrix): what a user makes without us.",
+        "per-tensor mix and fallbacks, this run's importance matrix): what a user makes without us. " + autoround_text,
         "",
         *pareto_section(pareto),
         "",

@@ -30,6 +30,7 @@ def forbid_every_step(monkeypatch) -> None:
         raise AssertionError("an up-to-date step ran again")
 
     for name in ("export.quantize.export_model", "export.llama_presets.export_llama_preset", "export.type_search.search_types",
+                 "export.autoround.autoround_gguf",
                  "recovery.synth.synthesize", "recovery.imatrix.compute_imatrix",
                  "recovery.distill.train", "recovery.merge.merge_run", "recovery.heldout.heldout_report", "runtime.evaluate.run_eval",
                  "runtime.bench.run_bench"):
@@ -72,7 +73,8 @@ def test_every_step_writes_its_outputs(finished_run):
                  "eval/teacher.json", "eval/w4.json", "eval/gateup.json", "eval/gateup+adapter.json",
                  "recovered.gguf", "recover/block_scales.safetensors", "recover/adapter.gguf", "eval/recovered.json", "pareto.png",
                  "bench.jsonl", "host.toml", "roofline.json", "report.md", "report.html", "accuracy.png", "tokens_per_s.png",
-                 "baselines/Q4_K_M.gguf", "baselines/IQ4_XS.gguf", "searched.gguf", "search.json", "eval/searched.json"):
+                 "baselines/Q4_K_M.gguf", "baselines/IQ4_XS.gguf", "baselines/autoround-q4_k_m-iters0.gguf", "searched.gguf",
+                 "search.json", "eval/searched.json"):
         assert (finished_run / name).is_file(), name
     steps = manifest(finished_run)["steps"]
     assert list(steps) == list(STEPS)
@@ -90,11 +92,13 @@ def test_report_has_the_tables_read_from_the_step_outputs(finished_run):
     heldout = json.loads((finished_run / "heldout.json").read_text())
     assert f"{heldout['rows']['gateup']['kl_to_teacher']:.3f}" in text
     bench = [json.loads(line) for line in (finished_run / "bench.jsonl").read_text().splitlines()]
-    assert {r["pipeline_label"] for r in bench} == {"w4", "gateup", "gateup+adapter", "recovered", "searched",
-                                                    "llama.cpp Q4_K_M", "llama.cpp IQ4_XS"}
-    # The stock baselines stand in the held-out table and the Pareto table beside our files.
-    assert set(heldout["rows"]) >= {"searched", "llama.cpp Q4_K_M", "llama.cpp IQ4_XS"}
+    baselines = {"llama.cpp Q4_K_M", "llama.cpp IQ4_XS", "AutoRound q4_k_m iters 0"}
+    assert {r["pipeline_label"] for r in bench} == {"w4", "gateup", "gateup+adapter", "recovered", "searched", *baselines}
+    # The stock presets and AutoRound's file stand in the held-out table and the Pareto table beside our files.
+    assert set(heldout["rows"]) >= {"searched", *baselines}
     assert re.search(r"\| llama\.cpp IQ4_XS \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| — \| [0-9.]+ \| ", text)
+    assert re.search(r"\| AutoRound q4_k_m iters 0 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| — \| [0-9.]+ \| ", text)
+    assert "AutoRound's files (`recover-lora autoround`" in text
     search = json.loads((finished_run / "search.json").read_text())
     assert search["file_bytes"] <= search["max_bytes"] == (finished_run / "baselines" / "IQ4_XS.gguf").stat().st_size
     assert f"{search['predicted_kl']:.4f}" in text
@@ -116,6 +120,7 @@ def test_second_run_skips_every_step(finished_run, monkeypatch, capsys):
     monkeypatch.setattr("recover_lora.export.quantize.export_model", must_not_run)
     monkeypatch.setattr("recover_lora.export.llama_presets.export_llama_preset", must_not_run)
     monkeypatch.setattr("recover_lora.export.type_search.search_types", must_not_run)
+    monkeypatch.setattr("recover_lora.export.autoround.autoround_gguf", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.synth.synthesize", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.imatrix.compute_imatrix", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.distill.train", must_not_run)
@@ -151,7 +156,7 @@ def test_interrupted_run_resumes_at_the_step_it_stopped(tmp_path, monkeypatch):
         m.setattr(Pipeline, "heldout", killed)
         with pytest.raises(Interrupted):
             run_pipeline(smoke_config(out))
-    assert set(manifest(out)["steps"]) == {"synth", "imatrix", "export", "baselines", "search", "train", "recover"}
+    assert set(manifest(out)["steps"]) == {"synth", "imatrix", "export", "baselines", "autoround", "search", "train", "recover"}
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished step ran again after the interruption")
@@ -160,6 +165,7 @@ def test_interrupted_run_resumes_at_the_step_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr("recover_lora.export.quantize.export_model", must_not_run)
     monkeypatch.setattr("recover_lora.export.llama_presets.export_llama_preset", must_not_run)
     monkeypatch.setattr("recover_lora.export.type_search.search_types", must_not_run)
+    monkeypatch.setattr("recover_lora.export.autoround.autoround_gguf", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.synth.synthesize", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.imatrix.compute_imatrix", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.distill.train", must_not_run)
@@ -267,8 +273,8 @@ def test_a_no_op_resume_reads_every_file_once_and_then_none(tmp_path, finished_r
     run_pipeline(smoke_config(out), commands=commands)
     assert capsys.readouterr().err.count("up to date, skipped") == len(STEPS)
     ggufs = [path for path in reads if path.endswith(".gguf")]
-    # w4, gateup, imatrix, adapter, recovered, searched and the two baselines: each is an input of several steps
-    assert len(ggufs) == 8
+    # w4, gateup, imatrix, adapter, recovered, searched and the three baselines: each is an input of several steps
+    assert len(ggufs) == 9
     assert max(reads.values()) == 1, reads.most_common(3)
     # Another new process: DIR/file_hashes.json remembers every file the run hashed, so none is read.
     reads = count_file_reads(monkeypatch)
@@ -318,3 +324,17 @@ def test_report_command_redraws_a_finished_run_from_its_files(tmp_path, finished
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path)])
     assert exit_info.value.code == 2 and "holds no pipeline.json" in capsys.readouterr().err
+
+
+def test_a_model_autoround_cannot_write_gets_no_autoround_baseline_and_the_run_goes_on(tmp_path, finished_run, monkeypatch, capsys):
+    # As for Qwen2 / Gemma 3 with AutoRound 0.16.1 and PyPI's gguf 0.19.0 (export/autoround.py unsupported_reason).
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    monkeypatch.setattr("recover_lora.export.autoround.unsupported_reason", lambda architecture: f"cannot write {architecture}")
+    capsys.readouterr()
+    run_pipeline(smoke_config(out), commands=COMMANDS)
+    err = capsys.readouterr().err
+    assert "[autoround] cannot write LlamaForCausalLM: no AutoRound baseline" in err and "[synth] up to date" in err
+    assert manifest(out)["steps"]["autoround"]["outputs"] == {}
+    assert "AutoRound q4_k_m iters 0" not in json.loads((out / "heldout.json").read_text())["rows"]
+    assert "No AutoRound file: cannot write LlamaForCausalLM." in (out / "report.md").read_text()
