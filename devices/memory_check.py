@@ -217,12 +217,12 @@ def train_plan_for(config) -> TrainPlan | None:
 def check_train_memory(config) -> MemoryPlan | None:
     """Refuse a `TrainConfig` that does not fit this machine, from the GGUF headers alone (no weights read)."""
     from recover_lora.devices.shapes import load_model_shape
-    from recover_lora.export.sources import default_model_path
+    from recover_lora.export.sources import default_model_path, resolve_named
 
     train = train_plan_for(config)
     if train is None or not Path(config.base).is_file():
         return None
-    teacher = config.teacher or default_model_path()
+    teacher = resolve_named(config.teacher) if config.teacher else default_model_path()
     if not Path(teacher).exists():
         return None  # train names the missing teacher itself
     sizes = model_sizes(load_model_shape(teacher), student=load_model_shape(config.base), policies=())

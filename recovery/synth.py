@@ -361,13 +361,13 @@ def synthesize(model: str | None, out: Path, device_name: str, resume: bool, for
     Example:
         synthesize(None, Path("runs/synth"), "auto", resume=True, force=False, n_samples=512, seq_len=128)
     """
-    from recover_lora.export.sources import DEFAULT_MODEL_NAME, default_model_path, load_model
+    from recover_lora.export.sources import DEFAULT_MODEL_NAME, default_model_path, load_model, resolve_named
     from recover_lora.export.torch_model import to_hf_model
     from recover_lora.recovery.teacher_source import load_hf_tokenizer, pick_device_and_dtype, teacher_source_identity
 
     config = SynthConfig.from_settings(settings)  # bad settings fail before anything loads
     device, dtype = pick_device_and_dtype(device_name)
-    source = Path(model) if model is not None else default_model_path()
+    source = resolve_named(model) if model is not None else default_model_path()
     if not source.exists():
         raise RecoverLoraError(f"model source {source} does not exist; give a Hugging Face folder, a .gguf file, or nothing")
     weights = load_model(model)  # reads the config and checks the tensors; the weights load lazily

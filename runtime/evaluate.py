@@ -126,11 +126,11 @@ def load_hf_tokenizer(source: str | None, override: str | None = None):
     by transformers' GGUF support; `override` (a folder) wins."""
     from transformers import AutoTokenizer
 
-    from recover_lora.export.sources import default_model_path
+    from recover_lora.export.sources import default_model_path, resolve_named
 
     if override is not None:
         return AutoTokenizer.from_pretrained(override)
-    path = Path(source) if source is not None else default_model_path()
+    path = resolve_named(source) if source is not None else default_model_path()
     try:
         if path.is_dir():
             return AutoTokenizer.from_pretrained(path)
