@@ -153,6 +153,8 @@ class PlanSettings:
     steps: tuple[str, ...] = STEPS
     baseline_presets: tuple[str, ...] = ()  # llama.cpp presets of the baselines step
     autoround_baselines: tuple[str, ...] = ()  # AutoRound files of the autoround step ("scheme@iters")
+    reconstruct_samples: int = 128  # calibration windows of the reconstruct step
+    reconstruct_weighting: str = "mse"  # its ReconstructSettings.weighting
 
 
 def plan_settings(preset: str = "cpu-demo", overrides: Mapping | None = None, policies: tuple[str, ...] = ("w4", "gateup"),
@@ -168,7 +170,8 @@ def plan_settings(preset: str = "cpu-demo", overrides: Mapping | None = None, po
         recover=TrainPlan.from_settings({**p.recover, **extra}, n, seq), synth_samples=n, synth_seq_len=seq,
         synth_batch_size=p.synth_batch_size, imatrix_samples=p.imatrix_samples, gptq_codes=p.gptq_codes,
         bench_n_ctx=max(p.bench_depths) + p.bench_n_gen + LLAMA_N_UBATCH, policies=policies, steps=steps,
-        baseline_presets=p.baseline_presets, autoround_baselines=p.autoround_baselines)
+        baseline_presets=p.baseline_presets, autoround_baselines=p.autoround_baselines,
+        reconstruct_samples=p.reconstruct_samples, reconstruct_weighting=p.reconstruct_weighting)
 
 
 @dataclass(frozen=True)
@@ -423,19 +426,64 @@ def heldout_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict,
     return host, gpu
 
 
-def search_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict, dict]:
-    """export.type_search: the teacher in torch with a gradient and a Fisher sum per weight (fp32), the Fisher copied to
-    numpy, and one tensor at a time through every candidate type (its float32 copy, the round trip and the sensitivity)."""
-    on_gpu = gpus > 0
-    c, teacher = sizes.student, n_params(sizes.teacher) * 4
-    host, gpu = {"process": TORCH_PROCESS_BYTES, **teacher_reading(sizes), "Fisher diagonal (numpy)": teacher,
-                 "tensor being searched": 4 * largest_tensor(c) * 4}, {}
-    if on_gpu:
+def search_memory(sizes: ModelSizes, s: PlanSettings, available: Available) -> tuple[dict, dict, int, int, str]:
+    """export.type_search at the larger of its two peaks. The Fisher diagonal (recovery/fisher.py): the teacher in torch
+    (fp32), the finished Fisher arrays, and one group of weights with a gradient and a sum each: all weights in one
+    group when their gradients fit what is `available`, else as few even groups as fit (a pass over the windows each,
+    so the plan needs what fisher.weight_groups would choose on that machine). Then, the teacher gone, one tensor at a
+    time through every candidate type (its float32 copy, the round trip and the sensitivity)."""
+    from recover_lora.recovery.fisher import weight_groups, window_bytes
+
+    on_gpu = available.gpus > 0
+    teacher = n_params(sizes.teacher) * 4
+    shapes = [shape for shape in sizes.teacher.arch.hf_tensor_shapes(sizes.teacher).values() if len(shape) == 2]
+    gradients = [math.prod(shape) * 4 for shape in shapes]  # each weight's gradient, and its sum as many bytes
+    fisher = sum(gradients)
+    host = {"process": TORCH_PROCESS_BYTES, **teacher_reading(sizes), "Fisher diagonal (numpy)": fisher}
+    held = {"teacher fp32": teacher, "one window's activations and logits": window_bytes(sizes.teacher, s.synth_seq_len)}
+    if on_gpu:  # the teacher built on the host, then moved; each group's sums come back to the host as its Fisher
         host["teacher staged"] = teacher
-        gpu["CUDA context"] = CUDA_CONTEXT_BYTES
-    _place(host, gpu, on_gpu, teacher_fp32=teacher, gradients_fp32=teacher, Fisher_sums_fp32=teacher,
-           logits=s.synth_seq_len * c.vocab_size * 4 * HELDOUT_LOGIT_FP32_COPIES)
-    return host, gpu
+        gpu = {"CUDA context": CUDA_CONTEXT_BYTES, **held}
+        room = available.gpu_bytes - sum(gpu.values()) if available.gpu_bytes else None
+    else:  # the sums are the Fisher arrays (already counted): a group adds its gradients
+        host, gpu = {**host, **held}, {}
+        room = 2 * (available.host_bytes - sum(host.values())) if available.host_bytes else None
+    groups = weight_groups([2 * g for g in gradients], max(room, 1) if room is not None else 2 * fisher)
+    largest = max(sum(gradients[i] for i in group) for group in groups)
+    label = "gradients fp32" + (f" (the largest of {len(groups)} groups)" if len(groups) > 1 else "")
+    (gpu if on_gpu else host)[label] = largest
+    if on_gpu:
+        gpu["Fisher sums fp32"] = largest
+    note = f"the Fisher in {len(groups)} passes over the windows, a group of weights each" if len(groups) > 1 else ""
+    quantizing = {"process": TORCH_PROCESS_BYTES, "teacher source mapped": sizes.teacher_file_bytes,
+                  "Fisher diagonal (numpy)": fisher, "tensor being searched": 4 * largest_tensor(sizes.student) * 4}
+    host = max(host, quantizing, key=lambda parts: sum(parts.values()))
+    return host, gpu, file_bytes(sizes.policy_tensors["w4"]), work_file_bytes(sizes.student), note
+
+
+def reconstruct_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict, dict, int, int, str]:
+    """recovery.reconstruct: teacher and student in fp32 on the host (one block of each on a GPU at a time), every window's block input,
+    target and output cached on the host (fp32: the teacher's and the student's inputs, the targets, the outputs and the
+    tuned outputs), and one block's weights being tuned (the teacher's copy, the offsets, their gradient and the best
+    snapshot) with one batch's activations; then the file is rewritten (a copy of the base) beside a per-block checkpoint."""
+    from recover_lora.recovery.reconstruct import DEFAULT_BATCH_SIZE
+
+    on_gpu = gpus > 0
+    c, windows = sizes.teacher, min(s.reconstruct_samples, s.synth_samples)
+    models = {"student fp32": n_params(sizes.student) * 4, "teacher fp32": n_params(c) * 4}
+    activations = windows * s.synth_seq_len * c.hidden_size * 4  # one fp32 [windows, seq, hidden] array
+    host = {"process": TORCH_PROCESS_BYTES, **teacher_reading(sizes), **models,
+            "block inputs, targets and outputs": 5 * activations,
+            # --weighting fisher: every block output's Fisher diagonal, held through the run
+            "block output Fisher": c.num_layers * activations if s.reconstruct_weighting == "fisher" else 0}
+    block_weights = (n_params(sizes.student) - sizes.student.vocab_size * sizes.student.hidden_size) // max(1, c.num_layers)
+    per_token = 8 * c.hidden_size + 4 * c.intermediate_size + 2 * c.num_heads * s.synth_seq_len  # incl. attention scores
+    # The models stay on the host; a GPU holds one block of each, the weights being tuned and a batch's activations.
+    gpu = {"CUDA context": CUDA_CONTEXT_BYTES, "teacher and student block fp32": 2 * block_weights * 4} if on_gpu else {}
+    _place(host, gpu, on_gpu, block_being_tuned=5 * block_weights * 4,
+           batch_activations=DEFAULT_BATCH_SIZE * s.synth_seq_len * per_token * 4 * 3)
+    written = file_bytes(sizes.policy_tensors["w4"])
+    return host, gpu, written, written, "a checkpoint of the finished blocks beside the output"
 
 
 def autoround_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict, dict, int, int, str]:
@@ -515,7 +563,8 @@ def plan_memory(sizes: ModelSizes, settings: PlanSettings, available: Available)
                               len(settings.baseline_presets) * file_bytes(sizes.policy_tensors["w4"]),
                               work_file_bytes(sizes.student)),
         "autoround": lambda: autoround_memory(sizes, settings, gpus),
-        "search": lambda: (*search_memory(sizes, settings, gpus), file_bytes(sizes.policy_tensors["w4"]), work_file_bytes(sizes.student)),
+        "search": lambda: search_memory(sizes, settings, available),
+        "reconstruct": lambda: reconstruct_memory(sizes, settings, gpus),
         "train": lambda: train_memory(sizes, settings.train, gpus),
         "recover": recover,
         "heldout": lambda: (*heldout_memory(sizes, settings, gpus), MiB),

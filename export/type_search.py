@@ -397,7 +397,7 @@ def search_types(
         max_seconds = file_decode_seconds(Path(reference), model) / (1.0 if min_decode is None else min_decode)
     ids, counted, _ = calibration_windows(source, samples, text, max_samples, seq_len)
     say(f"Fisher diagonal of the teacher on {int(counted.sum())} tokens ...")
-    fisher = kl_fisher_diagonal(source, ids, counted, device=device)
+    fisher = kl_fisher_diagonal(source, ids, counted, device=device, progress=say)
     # What every choice under one padding shares: its F32 tensors (padded norms are wider) in bytes and decode seconds.
     fixed_bytes: dict[str, int] = {}
     fixed_seconds: dict[str, float] = {}

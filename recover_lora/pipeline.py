@@ -9,6 +9,8 @@ Steps (each a call into its stage's own function; this module only orders them):
   autoround-> baselines/autoround-<scheme>-iters<N>.gguf             export.autoround.autoround_gguf
   search   -> searched.gguf, search.json (types and padding        export.type_search.search_types
               chosen under the reference preset's bytes and decode)
+  reconstruct -> reconstructed.gguf, reconstruct.json (searched's   recovery.reconstruct.reconstruct
+              codes and scales tuned block by block; same bytes)
   train    -> train/ (peft adapter + adapter.gguf)                 recovery.distill.train
   recover  -> recover/, recovered.gguf (one file, gateup's types)  recovery.distill.train + recovery.merge.merge_run
   heldout  -> heldout.json (KL / perplexity on unseen text)        recovery.heldout.heldout_report
@@ -30,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -47,7 +50,7 @@ HASH_CACHE_FILE = "file_hashes.json"
 # The part each variant (Pipeline._variant_files) plays in the report: runtime.compare's teacher,
 # quantized and recovered (the one-file model), the unmerged adapter, and the baseline that speeds are compared to.
 ROLES = {"teacher": "teacher", "baseline": "w4", "quantized": "gateup", "adapter": "gateup+adapter", "recovered": "recovered",
-         "searched": "searched"}
+         "searched": "searched", "reconstructed": "reconstructed"}
 # The label of a stock-preset baseline in every table (heldout.json rows, bench records, the Pareto table).
 BASELINE_LABEL = "llama.cpp {preset}"
 
@@ -127,6 +130,8 @@ class Pipeline:
             "baselines": self.out / "baselines",
             "searched": self.out / "searched.gguf",
             "search": self.out / "search.json",
+            "reconstructed": self.out / "reconstructed.gguf",
+            "reconstruct": self.out / "reconstruct.json",
             "heldout": self.out / "heldout.json",
             "eval": self.out / "eval",
             "bench": self.out / "bench.jsonl",
@@ -318,6 +323,48 @@ class Pipeline:
 
         return self._step("search", inputs, outputs, action)
 
+    def reconstruct(self) -> dict:
+        """The searched file's codes and scales tuned block by block on the teacher's own text (SignRound on ggml's
+        blocks, recovery/reconstruct.py): the same types and bytes, so the same decode speed."""
+        from recover_lora.export.gguf_info import summarize_gguf
+        from recover_lora.recovery.distill import pick_device
+        from recover_lora.recovery.reconstruct import ReconstructSettings, reconstruct
+
+        outputs = [self.path["reconstructed"], self.path["reconstruct"]]
+        settings = ReconstructSettings(iters=self.preset.reconstruct_iters, weighting=self.preset.reconstruct_weighting, seed=self.config.seed,
+                                       device=str(pick_device(self.config.device)))
+        inputs = {"source": self._source_identity(), "settings": asdict(settings), "samples": self.preset.reconstruct_samples,
+                  **self._hash(self.path["searched"], self.path["synth"] / "samples.safetensors")}
+
+        def action(resuming: bool) -> dict:
+            from recover_lora.recovery.student import read_student_info
+
+            if read_student_info(self.path["searched"]).unpadded:  # reconstruction tunes the model's own widths only
+                reason = "the search chose padded widths, which reconstruction does not tune"
+                say(f"[reconstruct] {reason}: reconstructed.gguf is searched.gguf as it is")
+                with atomic_output(self.path["reconstructed"], force=True) as tmp:
+                    shutil.copyfile(self.path["searched"], tmp)
+                with atomic_output(self.path["reconstruct"], force=True) as tmp:
+                    tmp.write_text(json.dumps({"refused": reason}) + "\n")
+                return {"line": f"not reconstructed: {reason}", "refused": reason,
+                        "file": _size_summary(summarize_gguf(self.path["reconstructed"]))}
+            # reconstruct keeps a checkpoint of finished blocks beside its output and resumes it when its settings match;
+            # force only discards one of other settings.
+            result = reconstruct(self.path["searched"], self.path["reconstructed"], teacher=self.config.model,
+                                 samples=self.path["synth"], max_samples=self.preset.reconstruct_samples, settings=settings,
+                                 report_path=self.path["reconstruct"], force=True,
+                                 on_block=lambda r: say(f"[reconstruct] block {r.block}: error x{r.error_after / r.error_before:.3f}"
+                                                        f"{'' if r.kept else ' (reverted: no better)'}, {r.seconds:.0f} s"))
+            report = json.loads(self.path["reconstruct"].read_text())
+            reverted = report["blocks_reverted"]
+            return {"line": f"{len(result.rewritten)} tensors rewritten in {report['blocks_kept']} of {len(result.blocks)} blocks, "
+                            f"block output error x{report['error_ratio']:.3f} of llama.cpp's rounding"
+                            + (f"; blocks {reverted} kept llama.cpp's rounding" if reverted else ""),
+                    "error_ratio": report["error_ratio"], "blocks_reverted": reverted, "untouched": report["untouched"],
+                    "file": _size_summary(summarize_gguf(self.path["reconstructed"])), "seconds": report["seconds"]}
+
+        return self._step("reconstruct", inputs, outputs, action, resumable=True)
+
     def _gptq_codes(self, path: Path) -> None:
         """Replace a file's Q2_K codes by GPTQ's (recovery/gptq.py); a file without Q2_K is left as it is."""
         from recover_lora.recovery.distill import pick_device
@@ -418,7 +465,8 @@ class Pipeline:
         outputs = [self.path["heldout"]]
         adapter_dir = self.path["train"] / "adapter"
         # Every deployable file but the adapter run: ours, then the stock baselines a user would make instead.
-        files = {"w4": self.path["w4"], "recovered": self.path["recovered"], "searched": self.path["searched"], **self.baseline_files()}
+        files = {"w4": self.path["w4"], "recovered": self.path["recovered"], "searched": self.path["searched"],
+                 "reconstructed": self.path["reconstructed"], **self.baseline_files()}
         inputs = {"tokens": self.preset.heldout_tokens,
                   **self._hash(self.path["gateup"], adapter_dir / "adapter_model.safetensors", *files.values())}
 
@@ -429,15 +477,16 @@ class Pipeline:
             rows = {"teacher": gateup_rows[TEACHER_ROW], "gateup": gateup_rows[STUDENT_ROW], "gateup+adapter": gateup_rows[ADAPTER_ROW]}
             for label, path in files.items():
                 rows[label] = {row["model"]: row for row in heldout_report(path, None, **common)["rows"]}[STUDENT_ROW]
-            order = ["teacher", "w4", "gateup", "gateup+adapter", "recovered", "searched", *self.baseline_files()]
+            order = ["teacher", "w4", "gateup", "gateup+adapter", "recovered", "searched", "reconstructed", *self.baseline_files()]
             rows = {label: rows[label] for label in order}
             report = {"text": gateup["text"], "windows": gateup["windows"], "window": gateup["window"], "rows": rows}
             with atomic_output(self.path["heldout"], force=True) as tmp:
                 tmp.write_text(json.dumps(report, indent=2))
-            kl = {k: rows[k]["kl_to_teacher"] for k in ("gateup", "gateup+adapter", "recovered", "searched")}
+            kl = {k: rows[k]["kl_to_teacher"] for k in ("gateup", "gateup+adapter", "recovered", "searched", "reconstructed")}
             reference = BASELINE_LABEL.format(preset=self.preset.search_reference)
             return {"line": f"KL to teacher: gateup {kl['gateup']:.3f}, with the adapter {kl['gateup+adapter']:.3f}, "
-                            f"recovered (one file) {kl['recovered']:.3f}, searched {kl['searched']:.3f} "
+                            f"recovered (one file) {kl['recovered']:.3f}, searched {kl['searched']:.3f}, "
+                            f"reconstructed {kl['reconstructed']:.3f} "
                             f"({reference} {rows[reference]['kl_to_teacher']:.3f})", "rows": rows}
 
         return self._step("heldout", inputs, outputs, action)
@@ -446,7 +495,7 @@ class Pipeline:
         adapter = self.path["train"] / "adapter.gguf"
         return {"teacher": (None, None), "w4": (self.path["w4"], None), "gateup": (self.path["gateup"], None),
                 "gateup+adapter": (self.path["gateup"], adapter), "recovered": (self.path["recovered"], None),
-                "searched": (self.path["searched"], None)}
+                "searched": (self.path["searched"], None), "reconstructed": (self.path["reconstructed"], None)}
 
     def eval(self) -> dict:
         from recover_lora.runtime.evaluate import EvalSettings, finished_results, run_eval
@@ -532,7 +581,7 @@ class Pipeline:
         outputs = [self.out / "report.md", self.out / "report.html"]
         sources = [self.path["heldout"], self.path["bench"], self.path["roofline"]]
         sources += [self.path["eval"] / f"{label}.json" for label in self._variant_files()]
-        sources += [self.path["searched"], self.path["search"], *self.baseline_files().values()]
+        sources += [self.path["searched"], self.path["search"], self.path["reconstruct"], *self.baseline_files().values()]
         inputs = {**self._hash(*sources, *[self.path[p] for p in self.config.policies]), "commands": commands}
 
         def action() -> dict:
@@ -585,6 +634,7 @@ def run_pipeline(config: PipelineConfig, commands: list[str] | None = None) -> P
     pipeline.baselines()
     pipeline.autoround()
     pipeline.search()
+    pipeline.reconstruct()
     pipeline.train()
     pipeline.recover()
     pipeline.heldout()

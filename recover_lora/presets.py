@@ -102,11 +102,17 @@ class Preset:
     search_reference: str = "IQ4_XS"
     # AutoRound's own GGUF files, the other baseline (`autoround` step): "scheme@iters", iters 0 = its optimized RTN,
     # 200 = its default tuning. Calibrated on the importance matrix's windows. Measured on the default model
-    # (2 cores, README "AutoRound"): iters 0 takes ~1.5 min a file, iters 200 ~20 min.
-    autoround_baselines: tuple[str, ...] = ("q4_k_m@0", "q3_k_m@0", "q2_k_s@0", "q3_k_m@200")
+    # (`make baselines`, a busy 2-core machine): q4_k_m / q3_k_m at iters 0 took 4.3 / 2.2 min, q2_k_s at iters 0
+    # ~40 min (its 2-bit scale search), q3_k_m at iters 200 ~30 min; `make baselines` makes q2_k_s too.
+    autoround_baselines: tuple[str, ...] = ("q4_k_m@0", "q3_k_m@0", "q3_k_m@200")
     # Calibration windows (the first synthetic samples) of the search's Fisher diagonal (README "Type search" sets
     # its predicted KL beside the held-out one).
     search_samples: int = 32
+    # Block-wise reconstruction of the searched file (`reconstruct` step): calibration windows (the first synthetic
+    # samples) and signed-gradient steps per block (README "Block-wise reconstruction" gives the default model's time).
+    reconstruct_samples: int = 128
+    reconstruct_iters: int = 100
+    reconstruct_weighting: str = "mse"
     # Rate of the Q2_K block scales in the `recover` step. Measured on the default model (README "One file"):
     # 1e-3 is stable; 3e-3 drifted upwards and 1e-2 diverged within the cpu-demo schedule.
     recover_block_scales_lr: float = 1e-3
@@ -119,7 +125,8 @@ class Preset:
 
     def __post_init__(self) -> None:
         positive = ("synth_samples", "synth_seq_len", "synth_batch_size", "heldout_tokens", "bench_repeats", "bench_n_gen",
-                    "probe_array_mib", "imatrix_samples", "recover_block_scales_lr", "search_samples")
+                    "probe_array_mib", "imatrix_samples", "recover_block_scales_lr", "search_samples",
+                    "reconstruct_samples", "reconstruct_iters")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise RecoverLoraError(f"preset {self.name}: {name}={getattr(self, name)} must be > 0")
@@ -180,6 +187,7 @@ PRESETS: dict[str, Preset] = {
         bench_depths=(0,), bench_repeats=1, bench_n_gen=4, roofline_contexts=(0, 256),
         probe_array_mib=16, matvec_layers=0, attention_layers=0, imatrix_samples=4,
         baseline_presets=("Q4_K_M", "IQ4_XS"), search_samples=4, autoround_baselines=("q4_k_m@0",),
+        reconstruct_samples=4, reconstruct_iters=4,
     ),
 }
 

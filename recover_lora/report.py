@@ -161,6 +161,29 @@ def search_section(search: dict, heldout_rows: dict, speed: list[dict], referenc
     return lines
 
 
+def reconstruct_section(reconstruct: dict, heldout_rows: dict) -> list[str]:
+    """What block-wise reconstruction did to the searched file: its block errors and the held-out KL, same bytes."""
+    before, after = heldout_rows["searched"]["kl_to_teacher"], heldout_rows["reconstructed"]["kl_to_teacher"]
+    if "refused" in reconstruct:
+        return [f"Not reconstructed: {reconstruct['refused']}; `reconstructed.gguf` is the searched file as it is."]
+    types = ", ".join(f"{t['rewritten']}/{t['tuned']} {name}" for name, t in reconstruct["tensor_types"].items())
+    untouched = reconstruct["untouched"]
+    reverted = reconstruct["blocks_reverted"]
+    change = f"{after / before - 1:+.0%}" if before else "—"
+    return [
+        f"`recover-lora reconstruct` tuned the searched file's codes and scales one transformer block at a time on the "
+        f"teacher's own text ({reconstruct['settings']['iters']} signed-gradient steps per block, "
+        f"{reconstruct['seconds'] / 60:.1f} min): the same tensor types and bytes, so the same decode speed.",
+        "",
+        f"- Tensors rewritten / tuned per type: {types}"
+        + (f"; {len(untouched)} block linears of types without a block format left as they are" if untouched else "") + ".",
+        f"- Block output error (MSE to the teacher's block on the calibration windows) ×{reconstruct['error_ratio']:.3f} of "
+        f"llama.cpp's rounding, summed over blocks"
+        + (f"; blocks {reverted} were no better and kept llama.cpp's rounding" if reverted else "") + ".",
+        f"- Held-out KL to the teacher: searched {before:.4f} → reconstructed **{after:.4f}** ({change}).",
+    ]
+
+
 def speed_rows(records: list[dict], roofline: dict, baseline_label: str) -> list[dict]:
     """One row per (variant, depth): measured decode/prefill tokens/s, ratio to the baseline, roofline prediction."""
     predictions = {
@@ -320,6 +343,7 @@ def write_report(out_dir: str | os.PathLike) -> Path:
     baselines = {label: {"model": path, "lora": None} for label, path in meta.get("baselines", {}).items()}
     pareto = pareto_rows({**variants, **baselines}, heldout["rows"], comparison, rows, out)
     search = json.loads((out / files["search"]).read_text())
+    reconstruct = json.loads((out / files["reconstruct"]).read_text())
     plot_pareto(pareto, out / PARETO_PLOT)
     device = records[0]["device"]
     eval_any = json.loads((out / variants[roles["quantized"]]["eval"]).read_text())
@@ -331,6 +355,7 @@ def write_report(out_dir: str | os.PathLike) -> Path:
     export_summary, train_summary = steps["export"]["summary"], steps["train"]["summary"]
     file_sizes = {f"{policy}.gguf": info for policy, info in export_summary["files"].items()}
     file_sizes[files["searched"]] = steps["search"]["summary"]["file"]
+    file_sizes[files["reconstructed"]] = steps["reconstruct"]["summary"]["file"]
     file_sizes |= {f"{files['baselines']}/{preset}.gguf": info for preset, info in steps["baselines"]["summary"]["files"].items()}
     autoround = steps.get("autoround", {}).get("summary", {})
     file_sizes |= {meta["baselines"][label]: info for label, info in autoround.get("files", {}).items()}
@@ -373,6 +398,10 @@ def write_report(out_dir: str | os.PathLike) -> Path:
         "## Type search",
         "",
         *search_section(search, heldout["rows"], rows, meta["search_reference"]),
+        "",
+        "## Block-wise reconstruction",
+        "",
+        *reconstruct_section(reconstruct, heldout["rows"]),
         "",
         "## Which variant to deploy",
         "",

@@ -1,4 +1,4 @@
-"""CLI commands of the recovery stage: synth (synth_cli.py), train, export-adapter, check-adapter, heldout, imatrix, merge, gptq.
+"""CLI commands of the recovery stage: synth (synth_cli.py), train, export-adapter, check-adapter, heldout, imatrix, merge, gptq, reconstruct.
 
 Only typer is imported here; torch, peft and llama_cpp load inside the commands.
 """
@@ -16,6 +16,7 @@ import typer
 from recover_lora.errors import RecoverLoraError
 from recover_lora.presets import PRESETS
 from recover_lora.recovery import gptq as gptq_defaults  # torch-free at import: its defaults only
+from recover_lora.recovery import reconstruct as reconstruct_defaults  # likewise
 from recover_lora.recovery.train_config import TrainConfig
 
 # The train command's defaults are TrainConfig's: its options default to None (a preset or the
@@ -46,6 +47,7 @@ def register(app: typer.Typer) -> None:
     app.command("imatrix")(imatrix_command)
     app.command("merge")(merge_command)
     app.command("gptq")(gptq_command)
+    app.command("reconstruct")(reconstruct_command)
 
 
 def train_command(
@@ -263,3 +265,54 @@ def gptq_command(
                           device=str(pick_device(device)), force=force)
     typer.echo(f"wrote {result.path}: {len(result.tensors)} Q2_K tensors, {100 * result.codes_changed:.1f} % of codes changed, "
                f"output error on the samples x{result.error_ratio:.3f} of the base's")
+
+
+def reconstruct_command(
+    base: Path = typer.Argument(..., help="A quantized GGUF of the model's own widths (`recover-lora export --pad none ...` or a --llama-preset)"),
+    out: Path = typer.Option(..., "--out", "-o", help="The GGUF to write: the base's types and bytes per tensor, tuned codes and scales"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Full-precision model the base was exported from (default: SmolLM2-135M-Instruct)"),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="Calibration windows: a `recover-lora synth` folder"),
+    text: Optional[Path] = typer.Option(None, "--text", help="Or a .txt (documents split at blank lines) / .jsonl file"),
+    max_samples: int = typer.Option(reconstruct_defaults.DEFAULT_SAMPLES, "--max-samples", help="Use only the first N windows"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window (text: default 512)"),
+    iters: int = typer.Option(reconstruct_defaults.DEFAULT_ITERS, "--iters", help="Signed-gradient steps per block"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Step size of the rounding offsets and scale multipliers, decayed linearly to 0 [default: 1 / iters]"),
+    tune: str = typer.Option(reconstruct_defaults.ReconstructSettings.tune, "--tune",
+                             help="What learns: codes (each weight's rounding), scales (the block scales), or both"),
+    scale_lr_share: float = typer.Option(reconstruct_defaults.ReconstructSettings.scale_lr_share, "--scale-lr-share",
+                                         help="With --tune both: the scales' step as a share of --lr"),
+    target: str = typer.Option(reconstruct_defaults.ReconstructSettings.target, "--target",
+                               help="local: the teacher's block on the student's own input; chain: on the teacher's (AutoRound)"),
+    weighting: str = typer.Option(reconstruct_defaults.ReconstructSettings.weighting, "--weighting",
+                                  help="mse: every output alike; fisher: by the teacher's Fisher diagonal of each block output (BRECQ)"),
+    batch_size: int = typer.Option(reconstruct_defaults.DEFAULT_BATCH_SIZE, "--batch-size", help="Windows per step"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the windows' order"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | mps"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output and discard a checkpoint of other settings"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="The JSON report [default: OUT with suffix .reconstruct.json]"),
+) -> None:
+    """Tune the base's codes and block scales block by block (SignRound) so each block's output matches the teacher's; same types, bytes and speed.
+
+    A killed run resumes from its last finished block (the folder OUT.reconstruct/); run it again with the same settings.
+    """
+    from recover_lora.recovery.reconstruct import ReconstructSettings, reconstruct
+
+    settings = ReconstructSettings(iters=iters, lr=lr, tune=tune, scale_lr_share=scale_lr_share, target=target, weighting=weighting,
+                                   batch_size=batch_size, seed=seed, device=device)  # checked before any work
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def progress(record) -> None:
+        state = "kept" if record.kept else "reverted (no better)"
+        typer.echo(f"block {record.block}: error {record.error_before:.4g} -> {record.tuned_error:.4g} "
+                   f"(x{record.tuned_error / record.error_before:.3f}), {state}, {record.seconds:.0f} s")
+
+    result = reconstruct(base, out, teacher=teacher, samples=samples, text=text, max_samples=max_samples, seq_len=seq_len,
+                         settings=settings, report_path=json_out, force=force, on_block=progress)
+    kept = sum(r.kept for r in result.blocks)
+    typer.echo(f"wrote {result.path}: {len(result.rewritten)} tensors rewritten in {kept} of {len(result.blocks)} blocks "
+               f"({result.resumed_blocks} from the checkpoint), {len(result.untouched)} left as they are (no block format); "
+               f"report {result.report_path}")

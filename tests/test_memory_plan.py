@@ -202,9 +202,9 @@ def test_plan_command_prints_a_table_and_writes_json(tmp_path, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "qwen3-4b: qwen3, 36 layers" in printed and "\nfits\n" in printed
-    rows = [line.split()[0] for line in printed.splitlines()[4:16]]
-    assert rows == ["synth", "imatrix", "export", "baselines", "autoround", "search", "train", "recover", "heldout", "eval", "bench",
-                    "report"]
+    rows = [line.split()[0] for line in printed.splitlines()[4:17]]
+    assert rows == ["synth", "imatrix", "export", "baselines", "autoround", "search", "reconstruct", "train", "recover", "heldout",
+                    "eval", "bench", "report"]
     plan = json.loads(out.read_text())
     assert plan["fits"] and plan["gpus"] == 1 and [s["step"] for s in plan["steps"]] == rows
     train = next(s for s in plan["steps"] if s["step"] == "train")
@@ -233,6 +233,27 @@ def test_gptq_codes_add_the_teachers_and_the_gram_matrices_to_export(tiny):
     # gate and up of every layer are Q2_K under gateup and read one tensor: one HIDDEN x HIDDEN float64 Gram matrix
     assert with_gptq["Gram matrices (float64)"] == LAYERS * HIDDEN**2 * 8
     assert with_gptq["teacher fp32"] == n_params(tiny.student) * 4 and "teacher fp32" not in without
+
+
+def test_search_plans_the_fisher_in_groups_when_all_gradients_do_not_fit(tiny):
+    settings = plan_settings("smoke", steps=("search",))
+    weights = n_params(tiny.teacher) - HIDDEN - LAYERS * 2 * HIDDEN  # the 2-D ones: all but the norms
+    one = plan_memory(tiny, settings, Available()).steps[0]  # nothing known to fit: every weight in one group
+    assert one.host["teacher fp32"] == n_params(tiny.teacher) * 4
+    assert one.host["Fisher diagonal (numpy)"] == one.host["gradients fp32"] == weights * 4  # the sums are the result
+    assert one.note == ""
+    assert plan_memory(tiny, settings, Available(host_bytes=one.host_bytes)).steps[0] == one  # they just fit
+    # Room for half the gradients: the Fisher runs in groups, and the plan needs only the largest group's gradients.
+    tight = one.host_bytes - weights * 4 // 2
+    grouped = plan_memory(tiny, settings, Available(host_bytes=tight)).steps[0]
+    (label,) = [k for k in grouped.host if k.startswith("gradients fp32 (the largest of ")]
+    assert "gradients fp32" not in grouped.host and int(label.split()[-2]) >= 2
+    assert weights * 4 // 3 <= grouped.host[label] <= weights * 4 // 2
+    assert grouped.host_bytes == one.host_bytes - weights * 4 + grouped.host[label] <= tight
+    assert grouped.note.startswith(f"the Fisher in {label.split()[-2]} passes")
+    assert checked_plan(tiny, settings, Available(host_bytes=tight)).fits
+    # Not even the largest weight's gradient fits: refused.
+    assert not checked_plan(tiny, settings, Available(host_bytes=one.host_bytes - weights * 4)).fits
 
 
 def test_eora_covariances_count_one_gram_matrix_per_layer_input(tiny):

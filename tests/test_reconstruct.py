@@ -1,0 +1,301 @@
+"""Block-wise reconstruction (recovery/reconstruct.py, quantized_weight.py): exact bytes, llama.cpp's logits, lower block errors.
+
+Every ggml block type is exported by llama.cpp at the model's own widths and reconstructed: stories260K
+(widths 64 and 172: the 32-weight types fit every linear but ffn_down, whose 172 inputs fit no block and
+stay F16) and a tiny random Llama / Qwen2 of hidden 256 for the K-quants. The oracles are gguf-py's
+dequantize (what was trained is what is written), llama.cpp's logits of the written file, and the block
+errors recomputed here from the written file with plain forward hooks, independently of the module's caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import STORIES_DIR, llama_cpp_logits, make_tiny_hf_model, sample_tokens, torch_logits, torch_threads
+from recover_lora.errors import RecoverLoraError
+from recover_lora.export.gguf_header import read_gguf_header
+from recover_lora.export.ggml_blocks import BLOCK_TYPES, from_bytes
+from recover_lora.export.ggml_quantize import quantize_rows
+from recover_lora.export.model import hf_name
+from recover_lora.export.policy import Policy, TensorTypeRule
+from recover_lora.recovery import reconstruct as reconstruct_module
+from recover_lora.recovery.activations import counted_positions
+from recover_lora.recovery.quantized_weight import QuantizedWeight, signed_step
+from recover_lora.recovery.reconstruct import ReconstructSettings, reconstruct
+from recover_lora.recovery.samples import load_samples
+from recover_lora.recovery.student import build_student, build_teacher
+from test_imatrix import synth_folder
+from test_type_search import HELDOUT_TEXT
+
+T = gguf.GGMLQuantizationType
+BLOCK32 = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL]
+K_QUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+ITERS = 24  # few steps at the default step size (1 / DEFAULT_ITERS): every block improves on tiny models
+SETTINGS = ReconstructSettings(iters=ITERS, lr=1 / reconstruct_module.DEFAULT_ITERS, batch_size=4)
+# (model, type): stories260K for the 32-weight types, the tiny Llama for the K-quants, one Qwen2 (biases, GQA).
+CASES = [("stories", t) for t in BLOCK32] + [("llama", t) for t in K_QUANTS] + [("qwen2", T.Q4_K)]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return synth_folder(tmp_path_factory.mktemp("reconstruct-synth") / "synth", n=16, seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("reconstruct-models")
+    return {"stories": STORIES_DIR, "llama": make_tiny_hf_model(folder / "llama", "llama"),
+            "qwen2": make_tiny_hf_model(folder / "qwen2", "qwen2", seed=1)}
+
+
+def export_unpadded(source: Path, ggml_type, out: Path) -> Path:
+    """Every block linear at `ggml_type`, the model's own widths; stories' ffn_down (172 inputs) stays F16."""
+    from recover_lora.export.quantize import export_model
+
+    rules = [TensorTypeRule(r"blk\.\d+\.ffn_down\.weight", T.F16)] if source == STORIES_DIR else []
+    rules += [TensorTypeRule(r"blk\..*\.weight", ggml_type), TensorTypeRule(r"token_embd\.weight", T.Q8_0)]
+    return export_model(source, out, Policy.named("w4", rules=rules), pad="none", threads=2).path
+
+
+def tensors(path: Path) -> dict:
+    return {t.name: t for t in read_gguf_header(path).tensors}
+
+
+def raw_bytes(tensor) -> np.ndarray:
+    return np.asarray(tensor.data).reshape(-1).view(np.uint8)
+
+
+def layer_errors(base: Path, new: Path, teacher_source: Path, synth: Path) -> tuple[list[float], list[float]]:
+    """Per block, MSE over the counted positions to the teacher's block applied to the new file's input to that block
+    (the default --target local), recomputed from the files: (the new file's block, the base's block on those same inputs)."""
+    samples = load_samples(synth)
+    ids, counted = samples.input_ids, counted_positions(samples.loss_mask)
+    keep = counted.any(dim=1)
+    ids, counted = ids[keep], counted[keep]
+    teacher, new_student, base_student = build_teacher(teacher_source)[0], build_student(new)[0], build_student(base)[0]
+    seen = {"in": [], "kwargs": [], "out": []}
+
+    def record(module, args, kwargs, out):
+        seen["in"].append(args[0])
+        seen["kwargs"].append(kwargs)
+        seen["out"].append(out[0] if isinstance(out, tuple) else out)
+
+    hooks = [layer.register_forward_hook(record, with_kwargs=True) for layer in new_student.model.layers]
+    with torch.no_grad():
+        new_student(ids, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+
+    mse = lambda a, b: float(((a - b)[counted] ** 2).mean())
+    first = lambda out: out[0] if isinstance(out, tuple) else out
+    after, before = [], []
+    with torch.no_grad():
+        for teacher_layer, base_layer, x, kwargs, out in zip(teacher.model.layers, base_student.model.layers, seen["in"],
+                                                              seen["kwargs"], seen["out"]):
+            target = first(teacher_layer(x, **kwargs))
+            after.append(mse(out, target))
+            before.append(mse(first(base_layer(x, **kwargs)), target))
+    return after, before
+
+
+@pytest.mark.parametrize("ggml_type", list(BLOCK_TYPES), ids=lambda t: t.name)
+def test_trained_weight_is_exactly_what_its_bytes_dequantize_to(ggml_type):
+    """Start: the GGUF's own weights. After signed steps: forward() == gguf.quants.dequantize(to_bytes()), bit for bit."""
+    torch_threads()
+    rng = np.random.default_rng(int(ggml_type))
+    rows = rng.standard_normal((6, 512)).astype(np.float32)
+    rows[1, :256] = 0.0  # a zero super-block: d = 0, step 0 everywhere
+    rows[2] *= np.repeat(rng.uniform(0.01, 3, 16), 32)
+    raw = quantize_rows(rows, ggml_type, threads=1)
+    weight = QuantizedWeight(from_bytes(raw, ggml_type), torch.from_numpy(rows))
+    assert torch.equal(weight(), torch.from_numpy(gguf.quants.dequantize(raw, ggml_type).reshape(rows.shape)))
+    inputs = torch.from_numpy(rng.standard_normal((32, 512)).astype(np.float32))
+    for step in range(6):
+        ((inputs @ (torch.from_numpy(rows) - weight()).T) ** 2).mean().backward()
+        signed_step(weight.parameters(), 0.1)
+        weight.clamp_()
+    written = weight.to_blocks().to_bytes().reshape(raw.shape)
+    trained = weight().detach()
+    assert torch.equal(trained, torch.from_numpy(gguf.quants.dequantize(written, ggml_type).reshape(rows.shape)))
+    assert not np.array_equal(written, raw)  # it learned something
+
+
+@pytest.mark.parametrize("model,ggml_type", CASES, ids=[f"{m}-{t.name}" for m, t in CASES])
+def test_reconstructed_gguf_is_exact_runs_in_llama_cpp_and_lowers_every_block_error(model, ggml_type, models, synth, tmp_path):
+    torch_threads()
+    source = models[model]
+    base = export_unpadded(source, ggml_type, tmp_path / "base.gguf")
+    result = reconstruct(base, tmp_path / "rec.gguf", teacher=source, samples=synth, settings=SETTINGS)
+
+    # Same tensors, types, byte counts and header; only the block linears of the block type changed.
+    old, new = tensors(base), tensors(result.path)
+    assert result.path.stat().st_size == base.stat().st_size and new.keys() == old.keys()
+    header = min(int(t.data_offset) for t in old.values())
+    assert result.path.read_bytes()[:header] == base.read_bytes()[:header]
+    linears = sorted(n for n, t in old.items() if int(t.tensor_type) == int(ggml_type) and n.startswith("blk."))
+    assert result.rewritten and set(result.rewritten) <= set(linears)  # a block no better than llama.cpp's is reverted
+    for name, tensor in old.items():
+        assert new[name].tensor_type == tensor.tensor_type
+        same = np.array_equal(raw_bytes(new[name]), raw_bytes(tensor))
+        assert same == (name not in result.rewritten), name
+    if model == "stories":
+        assert result.untouched == {f"blk.{i}.ffn_down.weight": "F16" for i in range(5)}
+
+    # The torch student of the written file is its gguf-py dequantization, and llama.cpp computes the same model.
+    student, info = build_student(result.path)
+    for name in linears:
+        hf = hf_name(name, info.config)
+        expected = gguf.quants.dequantize(new[name].data, new[name].tensor_type).reshape(info.tensor_shapes[name])
+        expected = info.config.arch.from_gguf(hf, expected, info.config)
+        assert np.array_equal(student.get_parameter(hf).detach().numpy(), expected), name
+    ids = sample_tokens(32, seed=5)
+    ours, theirs = torch_logits(student, ids), llama_cpp_logits(result.path, ids, f32_kv_cache=True)
+    assert np.abs(ours - theirs).max() / np.abs(ours).max() < 5e-2
+
+    # Every block at least as close to the teacher as llama.cpp's rounding on the same inputs, most closer;
+    # the report's numbers are those recomputed from the files.
+    after, before = layer_errors(base, result.path, source, synth)
+    records = result.blocks
+    assert [r.block for r in records] == list(range(len(after)))
+    np.testing.assert_allclose([r.error_after for r in records], after, rtol=1e-4)
+    np.testing.assert_allclose([r.error_before for r in records], before, rtol=1e-4)
+    assert all(a <= b for a, b in zip(after, before))
+    assert sum(a < b for a, b in zip(after, before)) > len(after) / 2, (before, after)
+    report = json.loads(result.report_path.read_text())
+    assert report["tensor_types"] == {ggml_type.name: {"tuned": len(linears), "rewritten": len(result.rewritten)}}
+    assert report["error_ratio"] < 1 and not (tmp_path / "rec.gguf.reconstruct").exists()
+
+
+@pytest.fixture(scope="module")
+def stories_q4_0(tmp_path_factory) -> Path:
+    torch_threads()
+    return export_unpadded(STORIES_DIR, T.Q4_0, tmp_path_factory.mktemp("reconstruct-q4_0") / "base.gguf")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(monkeypatch, block: int) -> None:
+    real = reconstruct_module.reconstruct_block
+
+    def stop(index, *args, **kwargs):
+        if index == block:
+            raise Interrupted
+        return real(index, *args, **kwargs)
+
+    monkeypatch.setattr(reconstruct_module, "reconstruct_block", stop)
+
+
+def test_same_settings_same_bytes_and_an_interrupted_run_resumes_to_them(stories_q4_0, synth, tmp_path, monkeypatch):
+    run = lambda out, **kw: reconstruct(stories_q4_0, out, teacher=STORIES_DIR, samples=synth, **{"settings": SETTINGS, **kw})
+    first = run(tmp_path / "a.gguf").path.read_bytes()
+    assert run(tmp_path / "b.gguf").path.read_bytes() == first
+
+    out = tmp_path / "c.gguf"
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 3)
+        with pytest.raises(Interrupted):
+            run(out)
+    work = tmp_path / "c.gguf.reconstruct"
+    assert sorted(p.name for p in work.iterdir()) == ["block-000.safetensors", "block-001.safetensors", "block-002.safetensors", "settings.json"]
+    assert not out.exists() and not list(tmp_path.glob(".*tmp"))  # nothing half-written
+    resumed = run(out)
+    assert resumed.resumed_blocks == 3 and out.read_bytes() == first and not work.exists()
+
+
+def test_a_checkpoint_of_other_settings_is_refused_before_loading_models_or_discarded_with_force(stories_q4_0, synth, tmp_path, monkeypatch):
+    out = tmp_path / "c.gguf"
+    run = lambda **kw: reconstruct(stories_q4_0, out, teacher=STORIES_DIR, samples=synth, **{"settings": SETTINGS, **kw})
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 1)
+        with pytest.raises(Interrupted):
+            run()
+    with monkeypatch.context() as patch:
+        patch.setattr("recover_lora.recovery.student.build_teacher", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+        with pytest.raises(RecoverLoraError, match=rf"c\.gguf\.reconstruct is the checkpoint of another run \(iters was {ITERS} there, 5 now\); .*--force"):
+            run(settings=dataclasses.replace(SETTINGS, iters=5))
+        with pytest.raises(RecoverLoraError, match=r"\(seed was 0 there, 1 now\)"):
+            run(settings=dataclasses.replace(SETTINGS, seed=1))
+        with pytest.raises(RecoverLoraError, match=r"\(calibration\.windows was 16 there, 8 now\)"):
+            run(max_samples=8)
+    result = run(settings=dataclasses.replace(SETTINGS, iters=5), force=True)
+    assert result.resumed_blocks == 0 and out.is_file()
+
+
+def test_padded_gguf_and_bad_inputs_are_one_line_errors_that_leave_nothing(stories_gateup, stories_q4_0, synth, models, tmp_path, monkeypatch):
+    run = lambda base, teacher=STORIES_DIR, **kw: reconstruct(base, tmp_path / "x.gguf", teacher=teacher, samples=synth, **kw)
+    with pytest.raises(RecoverLoraError, match=r"padded widths .* export it with --pad none"):
+        run(stories_gateup)
+    with pytest.raises(RecoverLoraError, match="--teacher"):
+        run(stories_q4_0, teacher=models["llama"])
+    with pytest.raises(RecoverLoraError, match="--iters=0 must be a positive integer"):
+        ReconstructSettings(iters=0)
+    with pytest.raises(RecoverLoraError, match="--lr=-1"):
+        ReconstructSettings(lr=-1)
+
+    def refuse(*args, **kwargs):
+        raise RecoverLoraError("llama.cpp refused")
+
+    monkeypatch.setattr("recover_lora.export.llama_load.llama_cpp_load_check", refuse)
+    with pytest.raises(RecoverLoraError, match="refused"):
+        run(stories_q4_0, settings=ReconstructSettings(iters=2, batch_size=4))
+    leftover = sorted(p.name for p in tmp_path.iterdir())
+    assert leftover == ["x.gguf.reconstruct"], leftover  # finished blocks stay to resume from; no output, no temporary file
+
+
+def test_cli_reconstructs_and_refuses_to_overwrite(stories_q4_0, synth, tmp_path):
+    from typer.testing import CliRunner
+
+    from recover_lora.cli import app
+
+    out = tmp_path / "rec.gguf"
+    args = ["reconstruct", str(stories_q4_0), "-o", str(out), "--teacher", str(STORIES_DIR), "--samples", str(synth),
+            "--iters", "4", "--batch-size", "4", "--json", str(tmp_path / "report.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "block 0: error" in result.stdout and "5 left as they are" in result.stdout and out.is_file()
+    assert json.loads((tmp_path / "report.json").read_text())["settings"]["iters"] == 4
+    again = CliRunner().invoke(app, args)
+    assert isinstance(again.exception, RecoverLoraError) and "--force" in str(again.exception)
+
+
+def test_block_output_fisher_predicts_the_kl_of_a_perturbation_of_a_block_output():
+    """½ Σ F Δ² (BRECQ's weighting of a block's output error) against the KL measured in torch on the same windows, for a
+    small random perturbation of block 2's output at every position."""
+    from recover_lora.recovery.decoder_blocks import block_output_fisher, decoder_layers
+    from recover_lora.recovery.imatrix import calibration_windows
+
+    torch_threads()
+    ids, counted, _ = calibration_windows(STORIES_DIR, None, HELDOUT_TEXT, max_samples=48, seq_len=64, max_tokens=4096)
+    teacher, _ = build_teacher(STORIES_DIR)
+    fisher = block_output_fisher(teacher, ids, counted)
+    assert len(fisher) == len(decoder_layers(teacher)) and fisher[2].shape == (*ids.shape, teacher.config.hidden_size)
+    with torch.no_grad():
+        p = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+    noise = 0.05 * torch.randn(fisher[2].shape, generator=torch.Generator().manual_seed(0))
+
+    def perturb(module, args, out):
+        return (out[0] + noise,) + tuple(out[1:]) if isinstance(out, tuple) else out + noise
+
+    handle = decoder_layers(teacher)[2].register_forward_hook(perturb)
+    with torch.no_grad():
+        q = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+    handle.remove()
+    measured = float((p.exp() * (p - q)).sum(-1)[counted].mean())
+    predicted = 0.5 * float((fisher[2] * noise ** 2).sum()) / int(counted.sum())
+    assert measured > 0
+    assert 0.6 < predicted / measured < 1.6, (predicted, measured)
+
+
+@pytest.mark.parametrize("field,value", [("tune", "weights"), ("target", "teacher"), ("weighting", "rms")])
+def test_unknown_choices_are_one_line_errors(field, value):
+    with pytest.raises(RecoverLoraError, match=rf"--{field}='{value}': choose one of"):
+        ReconstructSettings(**{field: value})
