@@ -53,11 +53,13 @@ VERIFY_REPEATS, VERIFY_N_GEN = 5, 64
 # Decode-rate probe: every candidate type timed round-robin this many times, this many seconds each.
 RATE_ROUNDS, RATE_SECONDS = 3, 1.0
 DECODE_MODELS = ("measured", "bytes")
-# Rows of a tensor quantized to estimate its error in each type (evenly spaced; all rows of smaller tensors).
-# ggml quantizes every row on its own (blocks never cross rows, the importance weights are per column), so the
-# sum over a sample of rows, scaled by rows / sampled, estimates the tensor's ½ Σ F ΔW² without bias, and every
-# type is judged on the same rows. Bytes stay exact (rows × the row's bytes). On the default model this quantizes
-# 3.4× fewer weights; measured against every row there (tests): within a few per cent per tensor.
+# Rows of a tensor quantized to estimate its error in each type: the MIN_SAMPLED_ROWS rows of most Fisher mass, each
+# counted exactly, and MIN_SAMPLED_ROWS more spread evenly over the rest in order of their mass, each standing for the
+# rows around it (all rows of smaller tensors). ggml quantizes every row on its own (blocks never cross rows, the
+# importance weights are per column), so the error is a sum over rows and every type is judged on the same rows;
+# bytes stay exact (rows × the row's bytes). Ordering by mass matters where a few rows hold most of it: in the default
+# model's tied token embedding the top 1 % of rows (frequent tokens) hold 67 % of the Fisher, and rows evenly spaced
+# by index put its IQ4_NL error at 0.035 where every row gives 0.078 (tests check both shapes of tensor).
 MIN_SAMPLED_ROWS = 256
 
 
@@ -200,10 +202,17 @@ def file_decode_seconds(path: Path, model: DecodeModel) -> float:
                for t in header.tensors)
 
 
-def sampled_rows(rows: int, min_rows: int | None = MIN_SAMPLED_ROWS) -> np.ndarray:
-    """The rows whose error stands for the tensor's: every `rows // min_rows`-th one (all when min_rows is None)."""
-    stride = 1 if min_rows is None else max(1, rows // min_rows)
-    return np.arange(0, rows, stride)
+def sampled_rows(row_mass: np.ndarray, min_rows: int | None = MIN_SAMPLED_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, how many rows each stands for): the `min_rows` rows of most mass (each itself), then every k-th row of the
+    rest in order of mass, standing for k rows; every row of a tensor of at most 2 × `min_rows` (or min_rows None)."""
+    n = len(row_mass)
+    if min_rows is None or n <= 2 * min_rows:
+        return np.arange(n), np.ones(n)
+    order = np.argsort(row_mass, kind="stable")[::-1]
+    top, rest = order[:min_rows], order[min_rows:]
+    stride = max(1, len(rest) // min_rows)
+    picked = rest[stride // 2 :: stride]
+    return np.concatenate([top, picked]), np.concatenate([np.ones(len(top)), np.full(len(picked), len(rest) / len(picked))])
 
 
 def choice_table(weights, fisher: dict[str, np.ndarray], matrix, candidates: tuple[T, ...], model: DecodeModel,
@@ -241,8 +250,8 @@ def choice_table(weights, fisher: dict[str, np.ndarray], matrix, candidates: tup
         importance = quantizer_weights(matrix, [name])[name] if matrix is not None and name in matrix.sums else None
         # No candidate block divides the rows (e.g. 172 wide): llama.cpp's own presets keep such a tensor F16.
         fitting = [t for t in candidates if array.shape[1] % gguf.GGML_QUANT_SIZES[t][0] == 0] or [T.F16]
-        rows = sampled_rows(array.shape[0], min_rows)
-        sample, sample_sensitivity, scale = array[rows], sensitivity[rows], array.shape[0] / len(rows)
+        rows, stands_for = sampled_rows(sensitivity.sum(axis=1, dtype=np.float64), min_rows)
+        sample, sample_sensitivity = array[rows], sensitivity[rows]
         choices = []
         for ggml_type in fitting:
             weights_for_type = importance
@@ -250,7 +259,7 @@ def choice_table(weights, fisher: dict[str, np.ndarray], matrix, candidates: tup
                 weights_for_type = np.ones(array.shape[1], dtype=np.float32)  # as the exporter hands llama.cpp
             restored, sample_bytes = round_trip(sample, ggml_type, weights_for_type, threads)
             n_bytes = sample_bytes // len(rows) * array.shape[0]
-            kl = 0.5 * scale * float(np.sum(sample_sensitivity * (restored - sample) ** 2, dtype=np.float64))
+            kl = 0.5 * float(stands_for @ np.sum(sample_sensitivity * (restored - sample) ** 2, axis=1, dtype=np.float64))
             choices.append(Choice(ggml_type, n_bytes, kl, model.seconds(name, array.shape, ggml_type, n_bytes, tied)))
         table[name] = choices
         if progress and (index + 1) % 25 == 0:
