@@ -89,8 +89,12 @@ def heldout_report(
     max_tokens: int = 16384,
     batch_size: int = 4,
     device: str = "auto",
+    teacher_tensors: tuple[str, ...] = (),
 ) -> dict:
     """Measure teacher, student and student + adapter on held-out text (default: GSM8K test rows).
+
+    `teacher_tensors`: GGUF tensor names whose teacher weights replace the student's, to see what each tensor's
+    quantization costs (e.g. ("token_embd.weight",): the KL left without the embedding's error).
 
     Example:
         report = heldout_report("smollm2.gateup.gguf", "runs/demo/adapter")
@@ -111,6 +115,7 @@ def heldout_report(
     student, info = build_student(base_gguf)
     teacher, teacher_config = build_teacher(teacher_source)
     check_teacher_matches(teacher_config, info)
+    _use_teacher_tensors(student, teacher, info, teacher_tensors)
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -126,7 +131,24 @@ def heldout_report(
         "windows": int(windows.shape[0]),
         "window": window,
         "rows": [asdict(r) for r in rows],
+        "teacher_tensors": list(teacher_tensors),
     }
+
+
+def _use_teacher_tensors(student, teacher, info, names: tuple[str, ...]) -> None:
+    """Copy the teacher's weights of these GGUF tensors into the student (refused for a padded file or an unknown name)."""
+    import torch
+
+    from recover_lora.export.model import hf_name
+
+    if names and info.unpadded:
+        raise RecoverLoraError(f"--teacher-tensor needs a file of the model's own widths; {info.gguf_path.name} is padded")
+    for name in names:
+        if name not in info.tensor_types:
+            raise RecoverLoraError(f"--teacher-tensor {name}: {info.gguf_path.name} has no such tensor (give a GGUF name, "
+                                   f"e.g. token_embd.weight or blk.0.ffn_up.weight)")
+        with torch.no_grad():
+            student.get_parameter(hf_name(name, info.config)).copy_(teacher.get_parameter(hf_name(name, info.config)))
 
 
 def format_report(report: dict) -> str:

@@ -299,3 +299,21 @@ def test_block_output_fisher_predicts_the_kl_of_a_perturbation_of_a_block_output
 def test_unknown_choices_are_one_line_errors(field, value):
     with pytest.raises(RecoverLoraError, match=rf"--{field}='{value}': choose one of"):
         ReconstructSettings(**{field: value})
+
+
+def test_heldout_with_every_quantized_tensor_from_the_teacher_is_the_teacher_and_a_wrong_name_is_refused(stories_q4_0):
+    """`heldout --teacher-tensor`: what a tensor's quantization costs. All of them swapped back: KL 0, the teacher's ppl."""
+    from recover_lora.recovery.heldout import heldout_report
+    from recover_lora.recovery.student import read_student_info
+
+    torch_threads()
+    quantized = tuple(n for n, t in read_student_info(stories_q4_0).tensor_types.items() if t != T.F32)
+    common = dict(teacher_source=STORIES_DIR, text=HELDOUT_TEXT, window=64, max_tokens=512, device="cpu")
+    plain = heldout_report(stories_q4_0, **common)["rows"]
+    one = heldout_report(stories_q4_0, teacher_tensors=("blk.0.ffn_up.weight",), **common)["rows"]
+    every = heldout_report(stories_q4_0, teacher_tensors=quantized, **common)["rows"]
+    assert plain[1]["kl_to_teacher"] > 0 and one[1]["kl_to_teacher"] != plain[1]["kl_to_teacher"]
+    assert every[1]["kl_to_teacher"] == pytest.approx(0, abs=1e-6)
+    assert every[1]["perplexity"] == pytest.approx(every[0]["perplexity"], rel=1e-5)
+    with pytest.raises(RecoverLoraError, match=r"--teacher-tensor blk\.9\.ffn_up\.weight: .* has no such tensor"):
+        heldout_report(stories_q4_0, teacher_tensors=("blk.9.ffn_up.weight",), **common)
