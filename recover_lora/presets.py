@@ -137,6 +137,11 @@ class Preset:
 
         for text in self.autoround_baselines:
             AutoRoundBaseline.parse(text)  # an unknown scheme fails here, not an hour into a run
+        from recover_lora.recovery.reconstruct import WEIGHTING_CHOICES
+
+        if self.reconstruct_weighting not in WEIGHTING_CHOICES:  # likewise, not when the reconstruct step starts
+            raise RecoverLoraError(f"preset {self.name}: reconstruct_weighting {self.reconstruct_weighting!r} must be one of "
+                                   f"{', '.join(WEIGHTING_CHOICES)}")
         if self.search_reference not in self.baseline_presets:
             raise RecoverLoraError(f"preset {self.name}: search_reference {self.search_reference!r} must be one of its baseline_presets")
         if self.eval_limit is not None and self.eval_limit <= 0:

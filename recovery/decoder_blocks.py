@@ -133,23 +133,24 @@ def block_output_fisher(model, input_ids: torch.Tensor, counted: torch.Tensor, d
         outputs.append(hidden)
 
     handles = [layer.register_forward_hook(keep) for layer in layers]
-    fisher = [torch.zeros(input_ids.shape + (0,)) for _ in layers]
+    hidden_size = causal_lm(model).config.hidden_size
+    fisher = [torch.zeros(*input_ids.shape, hidden_size) for _ in layers]
     generator = torch.Generator().manual_seed(seed)
     model.requires_grad_(False)
     try:
         for i in range(input_ids.shape[0]):
-            outputs.clear()
             rows = counted[i].to(torch.bool)
+            if not rows.any():  # no counted token: no log-likelihood, a zero Fisher
+                continue
+            outputs.clear()
+            # The graph starts at the embeddings (the weights take no gradient), so every block output gets one.
             embeddings = causal_lm(model).get_input_embeddings()(input_ids[i : i + 1].to(device)).detach().requires_grad_(True)
             logits = causal_lm(model)(inputs_embeds=embeddings, use_cache=False).logits[0].float()
             log_probs = torch.log_softmax(logits[rows.to(device)], dim=-1)
             labels = torch.multinomial(log_probs.detach().exp().cpu(), 1, generator=generator).to(device)
-            (-log_probs.gather(1, labels).sum()).backward() if rows.any() else None
-            for b, hidden in enumerate(outputs):
-                if fisher[b].shape[-1] == 0:
-                    fisher[b] = torch.zeros(input_ids.shape + (hidden.shape[-1],))
-                if hidden.grad is not None:
-                    fisher[b][i] = hidden.grad[0].float().pow(2).cpu()
+            (-log_probs.gather(1, labels).sum()).backward()
+            for block, hidden in enumerate(outputs):
+                fisher[block][i] = hidden.grad[0].float().pow(2).cpu()
     finally:
         for handle in handles:
             handle.remove()

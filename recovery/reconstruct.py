@@ -196,7 +196,7 @@ def _block_weights(weights: dict, row_orders: dict) -> dict:
     return values
 
 
-def _whole_set_error(layer, kwargs: dict, weights: dict, row_orders: dict, inputs, targets, counted, device: str) -> float:
+def _whole_set_error(layer, kwargs: dict, weights: dict, row_orders: dict, inputs, targets, error_weights, device: str) -> float:
     """The block's output error over every window with the weights as they would be written (no gradient)."""
     import torch
 
@@ -208,18 +208,18 @@ def _whole_set_error(layer, kwargs: dict, weights: dict, row_orders: dict, input
         for start in range(0, inputs.shape[0], FORWARD_BATCH):
             chunk = slice(start, start + FORWARD_BATCH)
             out = run_layer(layer, inputs[chunk].to(device), kwargs, overrides)
-            parts = output_error_sums(out, targets[chunk].to(device), counted[chunk].to(device))
+            parts = output_error_sums(out, targets[chunk].to(device), error_weights[chunk].to(device))
             squared, total = squared + float(parts[0]), total + float(parts[1])
     return squared / total if total else 0.0
 
 
-def tune_block(layer, kwargs: dict, weights: dict, row_orders: dict, inputs, targets, counted,
-               settings: ReconstructSettings, generator) -> float:
+def tune_block(layer, kwargs: dict, weights: dict, row_orders: dict, inputs, targets, error_weights,
+               settings: ReconstructSettings, generator) -> None:
     """SignRound on one block: `weights` (layer parameter name -> QuantizedWeight) learn in place.
 
     Signed steps move every offset and multiplier by the full step size whatever its gradient, so the last step is
     not always the best one (AutoRound keeps its best step too): the whole-set error is measured at SNAPSHOTS evenly
-    spaced steps, and `weights` end at the best of those. Returns that error.
+    spaced steps, and `weights` end at the best of those. `error_weights`: the loss's weights (decoder_blocks.output_error).
     """
     import torch
 
@@ -230,21 +230,20 @@ def tune_block(layer, kwargs: dict, weights: dict, row_orders: dict, inputs, tar
     multipliers = [m for weight in weights.values() for m in weight.multipliers.values()]
     n, batch, order = inputs.shape[0], min(settings.batch_size, inputs.shape[0]), []
     every = max(1, settings.iters // SNAPSHOTS)
-    best_error, best_state = float("inf"), None
+    best_error, best_state, device = float("inf"), None, settings.device
     for step in range(settings.iters):
         if len(order) < batch:  # a new pass over the windows, in a seeded random order
             order = torch.randperm(n, generator=generator).tolist()
         chosen, order = order[:batch], order[batch:]
-        device = settings.device
         out = run_layer(layer, inputs[chosen].to(device), kwargs, _block_weights(weights, row_orders))
-        output_error(out, targets[chosen].to(device), counted[chosen].to(device)).backward()
+        output_error(out, targets[chosen].to(device), error_weights[chosen].to(device)).backward()
         lr = settings.learning_rate * (1 - step / settings.iters)  # AutoRound's linear decay
         signed_step(offsets, lr if settings.tune != "scales" else 0.0)
         signed_step(multipliers, {"codes": 0.0, "scales": lr, "both": lr * settings.scale_lr_share}[settings.tune])
         for weight in weights.values():
             weight.clamp_()
         if (step + 1) % every == 0 or step + 1 == settings.iters:
-            error = _whole_set_error(layer, kwargs, weights, row_orders, inputs, targets, counted, device)
+            error = _whole_set_error(layer, kwargs, weights, row_orders, inputs, targets, error_weights, device)
             if error < best_error:
                 best_error = error
                 best_state = {parameter: {name: value.detach().clone() for name, value in weight.named_parameters()}
@@ -253,7 +252,6 @@ def tune_block(layer, kwargs: dict, weights: dict, row_orders: dict, inputs, tar
         for parameter, weight in weights.items():
             for name, value in best_state[parameter].items():
                 weight.get_parameter(name).copy_(value)
-    return best_error
 
 
 def _set_weights(layer, values: dict) -> None:
@@ -275,7 +273,7 @@ def _written_weight(raw, tensor: _Tensor, config):
 
 
 def reconstruct_block(index: int, layer, kwargs: dict, tensors: list[_Tensor], teacher, base_tensors: dict, config,
-                      inputs, targets, counted, settings: ReconstructSettings) -> tuple[BlockRecord, dict, torch.Tensor]:
+                      inputs, targets, error_weights, settings: ReconstructSettings) -> tuple[BlockRecord, dict, torch.Tensor]:
     """Tune block `index` of the student, leaving the layer with the weights to write.
 
     Returns (its record, GGUF name -> new bytes (none when reverted), the layer's outputs: the next block's inputs).
@@ -291,7 +289,7 @@ def reconstruct_block(index: int, layer, kwargs: dict, tensors: list[_Tensor], t
     device = settings.device
     original = {t.parameter: layer.get_parameter(t.parameter).detach().clone() for t in tensors}
     outputs = layer_outputs(layer, inputs, kwargs, device)
-    before = float(output_error(outputs, targets, counted))
+    before = float(output_error(outputs, targets, error_weights))
     weights, row_orders = {}, {}
     for t in tensors:
         teacher_weight = teacher.get_parameter(t.hf_name).detach().float().cpu().numpy()
@@ -300,11 +298,11 @@ def reconstruct_block(index: int, layer, kwargs: dict, tensors: list[_Tensor], t
         weights[t.parameter] = QuantizedWeight(blocks, target).to(device)
         row_orders[t.parameter] = _row_order(t, config)
     generator = torch.Generator().manual_seed((settings.seed << 16) + index)
-    tune_block(layer, kwargs, weights, row_orders, inputs, targets, counted, settings, generator)
+    tune_block(layer, kwargs, weights, row_orders, inputs, targets, error_weights, settings, generator)
     new_bytes = {t.name: weights[t.parameter].to_blocks().to_bytes() for t in tensors}
     _set_weights(layer, {t.parameter: _written_weight(new_bytes[t.name], t, config) for t in tensors})
     tuned_outputs = layer_outputs(layer, inputs, kwargs, device)
-    tuned = float(output_error(tuned_outputs, targets, counted))
+    tuned = float(output_error(tuned_outputs, targets, error_weights))
     kept = tuned < before
     if kept:
         outputs = tuned_outputs
@@ -411,7 +409,7 @@ def reconstruct(
         teacher_layer.to(device)
         layer.to(device)
         targets = layer_outputs(teacher_layer, student_inputs if teacher_inputs is None else teacher_inputs, teacher_kwargs[index], device)
-        weights = counted if fisher is None else fisher[index] * counted[..., None]
+        error_weights = counted if fisher is None else fisher[index] * counted[..., None]
         tensors, kwargs = per_block[index], student_kwargs[index]
         if index < len(finished) or not tensors:  # done before (rebuild its outputs), or nothing of a block format
             saved, new_bytes = finished[index] if index < len(finished) else (None, {})
@@ -420,7 +418,7 @@ def reconstruct(
             outputs = layer_outputs(layer, student_inputs, kwargs, device)
         else:
             record, new_bytes, outputs = reconstruct_block(index, layer, kwargs, tensors, teacher_model, base_tensors, info.config,
-                                                           student_inputs, targets, weights, settings)
+                                                           student_inputs, targets, error_weights, settings)
         if index >= len(finished):
             save_block(work, run_settings, index, None if record is None else asdict(record), new_bytes)
         if record is not None:

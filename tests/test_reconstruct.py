@@ -317,3 +317,10 @@ def test_heldout_with_every_quantized_tensor_from_the_teacher_is_the_teacher_and
     assert every[1]["perplexity"] == pytest.approx(every[0]["perplexity"], rel=1e-5)
     with pytest.raises(RecoverLoraError, match=r"--teacher-tensor blk\.9\.ffn_up\.weight: .* has no such tensor"):
         heldout_report(stories_q4_0, teacher_tensors=("blk.9.ffn_up.weight",), **common)
+
+
+def test_a_preset_with_an_unknown_reconstruct_weighting_is_refused_when_built():
+    from recover_lora.presets import PRESETS
+
+    with pytest.raises(RecoverLoraError, match=r"preset smoke: reconstruct_weighting 'rms' must be one of mse, fisher"):
+        dataclasses.replace(PRESETS["smoke"], reconstruct_weighting="rms")
