@@ -46,6 +46,11 @@ PAD_CHOICES = ("none", "auto")
 TOKEN_EMBEDDING = "token_embd.weight"
 MAX_EXPORT_ROUNDS = 4
 GGUF_ALIGNMENT = 32  # general.alignment's default: each tensor's data starts on such a boundary
+
+
+def aligned(n_bytes: int) -> int:
+    """A tensor's bytes in a GGUF file: its data padded to the alignment (the file is its header plus these)."""
+    return -(-n_bytes // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
 # A measured decode ratio this close below the floor meets it: the per-repeat ratios of 5 interleaved repeats
 # scatter by a few per cent on a 2-core machine, and chasing that noise would trade accuracy for nothing.
 DECODE_TOLERANCE = 0.01
@@ -66,7 +71,7 @@ MIN_SAMPLED_ROWS = 256
 @dataclass(frozen=True)
 class Choice:
     ggml_type: T
-    bytes: int
+    bytes: int  # in the file: the tensor's data padded to GGUF's alignment, as every writer lays it out
     kl: float  # predicted KL contribution: ½ Σ F ΔW²
     seconds: float  # predicted decode seconds per token of this tensor
 
@@ -260,7 +265,7 @@ def choice_table(weights, fisher: dict[str, np.ndarray], matrix, candidates: tup
             restored, sample_bytes = round_trip(sample, ggml_type, weights_for_type, threads)
             n_bytes = sample_bytes // len(rows) * array.shape[0]
             kl = 0.5 * float(stands_for @ np.sum(sample_sensitivity * (restored - sample) ** 2, axis=1, dtype=np.float64))
-            choices.append(Choice(ggml_type, n_bytes, kl, model.seconds(name, array.shape, ggml_type, n_bytes, tied)))
+            choices.append(Choice(ggml_type, aligned(n_bytes), kl, model.seconds(name, array.shape, ggml_type, n_bytes, tied)))
         table[name] = choices
         if progress and (index + 1) % 25 == 0:
             progress(f"quantized {index + 1}/{len(names)} tensors in every candidate type")
@@ -275,10 +280,18 @@ def _unpadded_config(weights):
     return dataclasses.replace(weights.config, **weights.unpadded)
 
 
-def select(table: dict[str, list[Choice]], max_bytes: float, max_seconds: float) -> tuple[dict[str, Choice], bool]:
+def select(table: dict[str, list[Choice]], max_bytes: float, max_seconds: float,
+           start: dict[str, T] | None = None) -> tuple[dict[str, Choice], bool]:
     """Greedy choice per tensor: (choices, whether both limits hold). Starts from each tensor's smallest
     choice (made fast enough first, if it is not); each round applies the feasible change with the most
-    predicted KL saved per byte added."""
+    predicted KL saved per byte added.
+
+    `start`: a choice of types known to meet both limits (the reference's own, where every tensor has its type
+    among the choices), greedily improved the same way; the feasible result with less predicted KL is returned.
+    Finding a fast enough start from the smallest types is a knapsack problem the greedy can miss (it spends the
+    bytes on the best seconds-per-byte changes first), and a search must never fail where the reference it is
+    measured against is itself a choice.
+    """
     names = list(table)
     width = max(len(c) for c in table.values())
     kl = np.full((len(names), width), np.inf)
@@ -287,12 +300,33 @@ def select(table: dict[str, list[Choice]], max_bytes: float, max_seconds: float)
     for i, name in enumerate(names):
         for j, choice in enumerate(table[name]):
             kl[i, j], size[i, j], secs[i, j] = choice.kl, choice.bytes, choice.seconds
+    # Seconds are sums of floats in another order than the reference's own total: a hair over is not over.
+    max_seconds = max_seconds * (1 + 1e-9)
     rows = np.arange(len(names))
     # Each tensor starts at its smallest choice (the least error among equally small ones).
-    current = np.array([min(range(len(table[name])), key=lambda j: (size[i, j], kl[i, j])) for i, name in enumerate(names)])
+    smallest = np.array([min(range(len(table[name])), key=lambda j: (size[i, j], kl[i, j])) for i, name in enumerate(names)])
+    starts = [_make_fast_enough(smallest, size, secs, max_bytes, max_seconds)]
+    if start is not None and all(name in start for name in names):
+        given = [next((j for j, c in enumerate(table[name]) if c.ggml_type == start[name]), None) for name in names]
+        if None not in given:
+            starts.append(np.array(given))
+    results = []
+    for current in starts:
+        feasible = size[rows, current].sum() <= max_bytes and secs[rows, current].sum() <= max_seconds
+        if feasible:
+            current = _spend_on_accuracy(current, kl, size, secs, max_bytes, max_seconds)
+        results.append((not feasible, kl[rows, current].sum(), current))
+    _, _, current = min(results, key=lambda r: (r[0], r[1]))
+    feasible = size[rows, current].sum() <= max_bytes and secs[rows, current].sum() <= max_seconds
+    return {name: table[name][current[i]] for i, name in enumerate(names)}, bool(feasible)
+
+
+def _make_fast_enough(current: np.ndarray, size: np.ndarray, secs: np.ndarray, max_bytes: float, max_seconds: float) -> np.ndarray:
+    """The smallest types need not be the fastest (a 2-bit row can take longer to unpack than a 4-bit one): while the
+    decode floor is missed, take the change that saves the most seconds per byte added within the byte cap."""
+    current = current.copy()
+    rows = np.arange(len(current))
     total_bytes, total_seconds = size[rows, current].sum(), secs[rows, current].sum()
-    # The smallest types need not be the fastest (a 2-bit row can take longer to unpack than a 4-bit one): while the
-    # decode floor is missed, take the change that saves the most seconds per byte added within the byte cap.
     while total_seconds > max_seconds:
         with np.errstate(invalid="ignore"):
             faster = secs[rows, current][:, None] - secs
@@ -307,14 +341,22 @@ def select(table: dict[str, list[Choice]], max_bytes: float, max_seconds: float)
         total_bytes += added[i, j]
         total_seconds -= faster[i, j]
         current[i] = j
-    feasible = total_bytes <= max_bytes and total_seconds <= max_seconds
-    while feasible:
+    return current
+
+
+def _spend_on_accuracy(current: np.ndarray, kl: np.ndarray, size: np.ndarray, secs: np.ndarray, max_bytes: float,
+                       max_seconds: float) -> np.ndarray:
+    """From a choice within both limits, apply the change with the most predicted KL saved per byte added until none fits."""
+    current = current.copy()
+    rows = np.arange(len(current))
+    total_bytes, total_seconds = size[rows, current].sum(), secs[rows, current].sum()
+    while True:
         with np.errstate(invalid="ignore"):  # inf - inf where a tensor has fewer choices: never a fit
             saved = kl[rows, current][:, None] - kl
         added = size - size[rows, current][:, None]
         fits = (total_bytes + added <= max_bytes) & (total_seconds + secs - secs[rows, current][:, None] <= max_seconds) & (saved > 0)
         if not fits.any():
-            break
+            return current
         with np.errstate(invalid="ignore", divide="ignore"):
             score = np.where(fits, saved / np.maximum(added, 1.0), -np.inf)
         score = np.where(fits & (added <= 0), np.inf, score)  # fewer bytes and less error: always take it
@@ -322,7 +364,6 @@ def select(table: dict[str, list[Choice]], max_bytes: float, max_seconds: float)
         total_bytes += added[i, j]
         total_seconds += secs[i, j] - secs[i, current[i]]
         current[i] = j
-    return {name: table[name][current[i]] for i, name in enumerate(names)}, bool(feasible)
 
 
 def search_types(
@@ -404,6 +445,9 @@ def search_types(
     max_seconds = np.inf
     if reference is not None:
         max_seconds = file_decode_seconds(Path(reference), model) / (1.0 if min_decode is None else min_decode)
+    # The reference's header (metadata, vocabulary): the first guess at this model's, and its types a start the
+    # selection can always fall back on (pad none: the same tensors).
+    header_bytes, reference_types = _header_and_types(Path(reference)) if reference is not None else (None, None)
     ids, counted, _ = calibration_windows(source, samples, text, max_samples, seq_len)
     say(f"Fisher diagonal of the teacher on {int(counted.sum())} tokens ...")
     fisher = kl_fisher_diagonal(source, ids, counted, device=device, progress=say)
@@ -419,13 +463,13 @@ def search_types(
         say(f"[pad {pad}] quantizing every tensor in {len(candidates)} candidate types ...")
         table = choice_table(exported, fisher, pad_matrix, candidates, model, threads, say)
         tables[pad] = table
-        fixed_bytes[pad], fixed_seconds[pad] = _fixed_bytes(exported), _fixed_seconds(exported, model)
-    fixed_names = [n for n in weights.config.arch.gguf_tensor_shapes(weights.config) if n not in next(iter(tables.values()))]
+        fixed_bytes[pad], fixed_seconds[pad] = _fixed_bytes(exported, header_bytes), _fixed_seconds(exported, model)
     # The tensor budget: the cap less the F32 tensors and metadata (learned from the file, below). The decode budget:
     # the reference's predicted seconds over the floor. llama.cpp then times each winner against the reference, and the
     # budget moves by the measured shortfall (or surplus) until one budget missed the floor and one met it, then is
     # bisected between them; the file kept is the most accurate winner that met it.
-    overhead, budget = 0, max_seconds  # overhead: metadata bytes the first guess missed; budget: a token's seconds
+    overhead = dict.fromkeys(tables, 0)  # header bytes the first guess missed, per padding (a padded header differs)
+    budget = max_seconds  # a token's seconds
     floor = 1.0 if min_decode is None else min_decode
     missed_at = met_at = None  # decode budgets whose winners llama.cpp timed below / at the floor
     kept = None  # (plan, plans, measured ratio) of the most accurate winner that met the floor
@@ -433,7 +477,8 @@ def search_types(
     for _ in range(MAX_EXPORT_ROUNDS):
         results = {}
         for pad, table in tables.items():
-            chosen, feasible = select(table, max_bytes - fixed_bytes[pad] - overhead, budget - fixed_seconds[pad])
+            chosen, feasible = select(table, max_bytes - fixed_bytes[pad] - overhead[pad], budget - fixed_seconds[pad],
+                                      start=reference_types if pad == "none" else None)
             smallest = sum(min(c.bytes for c in choices) for choices in table.values())
             results[pad] = PadPlan(pad, {n: c.ggml_type.name for n, c in chosen.items()}, sum(c.bytes for c in chosen.values()),
                                    sum(c.kl for c in chosen.values()), sum(c.seconds for c in chosen.values()), feasible, smallest)
@@ -444,7 +489,7 @@ def search_types(
             smallest = min(results.values(), key=lambda p: p.smallest_tensor_bytes)
             raise RecoverLoraError(
                 f"no choice of types fits {max_bytes:,} bytes and the decode floor: the smallest file this search can make is about "
-                f"{smallest.smallest_tensor_bytes + fixed_bytes[smallest.pad] + overhead:,} bytes (pad {smallest.pad}); raise --max-bytes, lower --min-decode "
+                f"{smallest.smallest_tensor_bytes + fixed_bytes[smallest.pad] + overhead[smallest.pad]:,} bytes (pad {smallest.pad}); raise --max-bytes, lower --min-decode "
                 "or add smaller --types"
             )
         best = min(feasible, key=lambda p: p.predicted_kl)
@@ -453,9 +498,9 @@ def search_types(
         file_bytes = _export_plan(source, out_path, best, matrix, threads, say)
         on_disk = best
         if file_bytes > max_bytes:
-            # What the file holds besides its tensors' data (metadata, vocabulary), measured, plus the worst case of
-            # GGUF's per-tensor alignment, which depends on the types chosen: the next selection fits by construction.
-            overhead = file_bytes - best.tensor_bytes - fixed_bytes[best.pad] + GGUF_ALIGNMENT * (len(best.types) + len(fixed_names))
+            # The header this padding writes, measured (the tensors' bytes are exact, alignment included): the next
+            # selection fits by construction.
+            overhead[best.pad] = file_bytes - best.tensor_bytes - fixed_bytes[best.pad]
             continue
         if not verify_decode or reference is None:
             last = (best, list(results.values()), None)
@@ -517,22 +562,27 @@ def _export_plan(source, out_path, plan: PadPlan, matrix, threads, say) -> int:
     return result.path.stat().st_size
 
 
-def _fixed_bytes(weights) -> int:
-    """Bytes every choice shares: the F32 tensors (norms, biases) and a first guess at the metadata
-    (the source GGUF's non-tensor bytes where the source is one)."""
+def _fixed_bytes(weights, header_bytes: int | None = None) -> int:
+    """Bytes every choice shares: the F32 tensors (norms, biases) and a first guess at the header (`header_bytes`,
+    else the source GGUF's where the source is one, else none: the first export measures it)."""
     from recover_lora.export.policy import is_quantizable
 
     config = weights.config
     shapes = config.arch.gguf_tensor_shapes(config)
-    f32 = sum(4 * int(np.prod(s)) for n, s in shapes.items() if not is_quantizable(n))
-    metadata = 0
+    f32 = sum(aligned(4 * int(np.prod(s))) for n, s in shapes.items() if not is_quantizable(n))
     source = Path(weights.source) if weights.source else None
-    if source is not None and source.is_file() and source.suffix == ".gguf":
-        from recover_lora.export.gguf_header import read_gguf_header
+    if header_bytes is None and source is not None and source.is_file() and source.suffix == ".gguf":
+        header_bytes, _ = _header_and_types(source)
+    return f32 + (header_bytes or 0)
 
-        header = read_gguf_header(source)
-        metadata = source.stat().st_size - sum(int(t.n_bytes) for t in header.tensors)
-    return f32 + metadata
+
+def _header_and_types(path: Path) -> tuple[int, dict[str, T]]:
+    """A GGUF's header bytes (everything before its first tensor's data) and each tensor's type."""
+    from recover_lora.export.gguf_header import read_gguf_header
+
+    header = read_gguf_header(path)
+    start = min((t.data_offset for t in header.tensors), default=header.file_bytes)
+    return start, {t.name: T(int(t.tensor_type)) for t in header.tensors}
 
 
 def _fixed_seconds(weights, model: DecodeModel) -> float:

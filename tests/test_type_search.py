@@ -265,6 +265,26 @@ def test_selection_makes_a_slow_small_start_fast_enough_then_spends_the_bytes():
     assert not feasible  # 4 s needs at least one Q4_0 beside a Q2_K: 250 bytes
 
 
+def test_selection_falls_back_on_the_reference_where_the_greedy_misses_a_fast_enough_start():
+    from recover_lora.export.type_search import Choice, select
+
+    # Seconds per byte sends the greedy to a's Q4_1 (1 s for 1 byte), then b's Q4_0 (5 s for 10 bytes), and then a's
+    # Q8_0 no longer fits: 31 bytes and 14 s, where a in Q8_0 beside b in Q2_K is 40 bytes and 10 s, within both.
+    table = {"a": [Choice(T.Q2_K, 10, 9.0, 10.0), Choice(T.Q4_1, 11, 8.0, 9.0), Choice(T.Q8_0, 30, 1.0, 0.0)],
+             "b": [Choice(T.Q2_K, 10, 9.0, 10.0), Choice(T.Q4_0, 20, 5.0, 5.0)]}
+    _, feasible = select(table, max_bytes=40, max_seconds=10.0)
+    assert not feasible
+    chosen, feasible = select(table, max_bytes=40, max_seconds=10.0, start={"a": T.Q8_0, "b": T.Q2_K})
+    assert feasible and {n: c.ggml_type for n, c in chosen.items()} == {"a": T.Q8_0, "b": T.Q2_K}
+    # A start is improved like any other, and the better of the two is kept.
+    roomy = {n: choices + [Choice(T.Q6_K, 12, 0.5, 0.0)] for n, choices in table.items()}
+    chosen, feasible = select(roomy, max_bytes=40, max_seconds=10.0, start={"a": T.Q8_0, "b": T.Q2_K})
+    assert feasible and {c.ggml_type for c in chosen.values()} == {T.Q6_K}
+    # A start whose types a tensor lacks is no start.
+    _, feasible = select(table, max_bytes=40, max_seconds=10.0, start={"a": T.Q8_0, "b": T.IQ4_NL})
+    assert not feasible
+
+
 def test_pareto_command_joins_files_heldout_reports_and_bench_records(stories_dir, tmp_path, capsys):
     import json
 
