@@ -155,6 +155,7 @@ class PlanSettings:
     autoround_baselines: tuple[str, ...] = ()  # AutoRound files of the autoround step ("scheme@iters")
     reconstruct_samples: int = 128  # calibration windows of the reconstruct step
     reconstruct_weighting: str = "mse"  # its ReconstructSettings.weighting
+    kltune: bool = True  # whether the preset runs the kltune step
 
 
 def plan_settings(preset: str = "cpu-demo", overrides: Mapping | None = None, policies: tuple[str, ...] = ("w4", "gateup"),
@@ -171,7 +172,8 @@ def plan_settings(preset: str = "cpu-demo", overrides: Mapping | None = None, po
         synth_batch_size=p.synth_batch_size, imatrix_samples=p.imatrix_samples, gptq_codes=p.gptq_codes,
         bench_n_ctx=max(p.bench_depths) + p.bench_n_gen + LLAMA_N_UBATCH, policies=policies, steps=steps,
         baseline_presets=p.baseline_presets, autoround_baselines=p.autoround_baselines,
-        reconstruct_samples=p.reconstruct_samples, reconstruct_weighting=p.reconstruct_weighting)
+        reconstruct_samples=p.reconstruct_samples, reconstruct_weighting=p.reconstruct_weighting,
+        kltune=p.kltune)
 
 
 @dataclass(frozen=True)
@@ -486,6 +488,42 @@ def reconstruct_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[d
     return host, gpu, written, written, "a checkpoint of the finished blocks beside the output"
 
 
+# recovery/kl_tune.py, bytes per weight of a tensor being tuned: the teacher's copy (target), the rounding offset, its
+# gradient, the codes and in-range mask autograd keeps, the weight the forward computes, and the best snapshot.
+KLTUNE_BYTES_PER_WEIGHT = 4 + 4 + 4 + 4 + 1 + 4 + 4
+KLTUNE_LOGIT_FP32_COPIES = 6  # teacher log-probs and their exp, student logits and log-softmax, the KL terms, a gradient
+
+
+def kltune_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict, dict, int, int, str]:
+    """recovery.kl_tune: teacher and student in fp32 (built on the host, then both on the device), every quantized weight as
+    a QuantizedWeight, and one batch's forward and backward through the whole model (every layer's activations, the
+    logits of both models); the checkpoint holds the current and the best offsets in fp32.
+
+    Measured on the default model, 2 CPU cores, batch 8 x 128: 10.5 GiB peak resident; this plan says 13.2 GiB (its
+    activations are an upper bound)."""
+    from recover_lora.recovery.kl_tune import DEFAULT_BATCH_SIZE
+
+    if not s.kltune:
+        return {"process": TORCH_PROCESS_BYTES}, {}, MiB, 0, "skipped by the preset"
+    on_gpu = gpus > 0
+    c, student = sizes.teacher, sizes.student
+    weights = n_params(student)  # the quantized tensors: all but the norms, a rounding error here
+    models = {"student fp32": n_params(student) * 4, "teacher fp32": n_params(c) * 4}
+    host = {"process": TORCH_PROCESS_BYTES, **teacher_reading(sizes)}
+    gpu = {"CUDA context": CUDA_CONTEXT_BYTES} if on_gpu else {}
+    if on_gpu:
+        host.update(models)  # both built on the host before they move
+    tokens = DEFAULT_BATCH_SIZE * s.synth_seq_len
+    per_token = 8 * c.hidden_size + 4 * c.intermediate_size + 2 * c.num_heads * s.synth_seq_len  # incl. attention scores
+    _place(host, gpu, on_gpu, **{k.replace(" ", "_"): v for k, v in models.items()},
+           weights_being_tuned=weights * KLTUNE_BYTES_PER_WEIGHT,
+           batch_activations=tokens * c.num_layers * per_token * 4 * 3,
+           logits=tokens * student.vocab_size * 4 * KLTUNE_LOGIT_FP32_COPIES)
+    host["checkpointed offsets"] = 2 * weights * 4  # current and best, copied to the host at each snapshot
+    written = file_bytes(sizes.policy_tensors["w4"])
+    return host, gpu, written, written + 2 * weights * 4, "a checkpoint of the current and best offsets beside the output"
+
+
 def autoround_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict, dict, int, int, str]:
     """export.autoround: the teacher saved as a Hugging Face folder (a temporary copy on disk, fp32 up to the work file's
     limit), loaded back by AutoRound, which caches every calibration window's block input and output (fp32) and tunes
@@ -565,6 +603,7 @@ def plan_memory(sizes: ModelSizes, settings: PlanSettings, available: Available)
         "autoround": lambda: autoround_memory(sizes, settings, gpus),
         "search": lambda: search_memory(sizes, settings, available),
         "reconstruct": lambda: reconstruct_memory(sizes, settings, gpus),
+        "kltune": lambda: kltune_memory(sizes, settings, gpus),
         "train": lambda: train_memory(sizes, settings.train, gpus),
         "recover": recover,
         "heldout": lambda: (*heldout_memory(sizes, settings, gpus), MiB),

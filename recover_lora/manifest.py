@@ -15,7 +15,7 @@ from recover_lora.errors import RecoverLoraError
 from recover_lora.fileio import atomic_output, sha256_file
 
 # synth needs only the teacher, so it comes first: its text feeds the importance matrix of the exports.
-STEPS = ("synth", "imatrix", "export", "baselines", "autoround", "search", "reconstruct", "train", "recover", "heldout", "eval", "bench", "report")
+STEPS = ("synth", "imatrix", "export", "baselines", "autoround", "search", "reconstruct", "kltune", "train", "recover", "heldout", "eval", "bench", "report")
 MANIFEST_FILE = "pipeline.json"
 MANIFEST_VERSION = 1
 

@@ -11,6 +11,8 @@ Steps (each a call into its stage's own function; this module only orders them):
               chosen under the reference preset's bytes and decode)
   reconstruct -> reconstructed.gguf, reconstruct.json (searched's   recovery.reconstruct.reconstruct
               codes and scales tuned block by block; same bytes)
+  kltune   -> kl-tuned.gguf, kltune.json (reconstructed's codes     recovery.kl_tune.kl_tune
+              tuned end to end on the teacher's logits; same bytes)
   train    -> train/ (peft adapter + adapter.gguf)                 recovery.distill.train
   recover  -> recover/, recovered.gguf (one file, gateup's types)  recovery.distill.train + recovery.merge.merge_run
   heldout  -> heldout.json (KL / perplexity on unseen text)        recovery.heldout.heldout_report
@@ -50,7 +52,7 @@ HASH_CACHE_FILE = "file_hashes.json"
 # The part each variant (Pipeline._variant_files) plays in the report: runtime.compare's teacher,
 # quantized and recovered (the one-file model), the unmerged adapter, and the baseline that speeds are compared to.
 ROLES = {"teacher": "teacher", "baseline": "w4", "quantized": "gateup", "adapter": "gateup+adapter", "recovered": "recovered",
-         "searched": "searched", "reconstructed": "reconstructed"}
+         "searched": "searched", "reconstructed": "reconstructed", "kl-tuned": "kl-tuned"}
 # The label of a stock-preset baseline in every table (heldout.json rows, bench records, the Pareto table).
 BASELINE_LABEL = "llama.cpp {preset}"
 
@@ -132,6 +134,8 @@ class Pipeline:
             "search": self.out / "search.json",
             "reconstructed": self.out / "reconstructed.gguf",
             "reconstruct": self.out / "reconstruct.json",
+            "kl-tuned": self.out / "kl-tuned.gguf",
+            "kltune": self.out / "kltune.json",
             "heldout": self.out / "heldout.json",
             "eval": self.out / "eval",
             "bench": self.out / "bench.jsonl",
@@ -365,6 +369,53 @@ class Pipeline:
 
         return self._step("reconstruct", inputs, outputs, action, resumable=True)
 
+    def kltune(self) -> dict:
+        """The reconstructed file's codes tuned end to end on the teacher's next-token distributions (recovery/kl_tune.py),
+        the token embedding and output head included: the same types and bytes, so the same decode speed."""
+        from recover_lora.export.gguf_info import summarize_gguf
+        from recover_lora.recovery.distill import pick_device
+        from recover_lora.recovery.kl_tune import KLTuneSettings, kl_tune
+
+        if not self.preset.kltune:
+            reason = f"preset {self.preset.name} skips it (its tuning state does not fit this scale of model: README \"kl-tune\")"
+
+            def skipped() -> dict:
+                with atomic_output(self.path["kltune"], force=True) as tmp:
+                    tmp.write_text(json.dumps({"refused": reason}) + "\n")
+                return {"line": f"not tuned: {reason}", "refused": reason}
+
+            return self._step("kltune", {"preset": self.preset.name}, [self.path["kltune"]], skipped)
+        outputs = [self.path["kl-tuned"], self.path["kltune"]]
+        settings = KLTuneSettings(epochs=self.preset.kltune_epochs, held_out=self.preset.kltune_held_out, seed=self.config.seed,
+                                  device=str(pick_device(self.config.device)))
+        inputs = {"source": self._source_identity(), "settings": asdict(settings), "samples": self.preset.kltune_samples,
+                  **self._hash(self.path["reconstructed"], self.path["synth"] / "samples.safetensors")}
+
+        def action(resuming: bool) -> dict:
+            from recover_lora.recovery.student import read_student_info
+
+            if read_student_info(self.path["reconstructed"]).unpadded:  # the model's own widths only, as reconstruct
+                reason = "the search chose padded widths, which kl-tune does not tune"
+                say(f"[kltune] {reason}: kl-tuned.gguf is reconstructed.gguf as it is")
+                with atomic_output(self.path["kl-tuned"], force=True) as tmp:
+                    shutil.copyfile(self.path["reconstructed"], tmp)
+                with atomic_output(self.path["kltune"], force=True) as tmp:
+                    tmp.write_text(json.dumps({"refused": reason}) + "\n")
+                return {"line": f"not tuned: {reason}", "refused": reason, "file": _size_summary(summarize_gguf(self.path["kl-tuned"]))}
+            # kl_tune keeps a checkpoint beside its output and resumes it when its settings match; force only discards
+            # one of other settings.
+            result = kl_tune(self.path["reconstructed"], self.path["kl-tuned"], teacher=self.config.model, samples=self.path["synth"],
+                             max_samples=self.preset.kltune_samples, settings=settings, report_path=self.path["kltune"], force=True,
+                             progress=lambda m: say(f"[kltune] {m}"))
+            state = "" if result.kept else " (no snapshot beat the input: its bytes kept)"
+            return {"line": f"{len(result.tensors)} tensors tuned, KL on {settings.held_out} held-out windows "
+                            f"{result.held_out_kl_before:.4f} -> {result.held_out_kl_after:.4f}{state}",
+                    "held_out_kl_before": result.held_out_kl_before, "held_out_kl_after": result.held_out_kl_after,
+                    "kept": result.kept, "untouched": result.untouched,
+                    "file": _size_summary(summarize_gguf(self.path["kl-tuned"])), "seconds": result.seconds}
+
+        return self._step("kltune", inputs, outputs, action, resumable=True)
+
     def _gptq_codes(self, path: Path) -> None:
         """Replace a file's Q2_K codes by GPTQ's (recovery/gptq.py); a file without Q2_K is left as it is."""
         from recover_lora.recovery.distill import pick_device
@@ -466,7 +517,7 @@ class Pipeline:
         adapter_dir = self.path["train"] / "adapter"
         # Every deployable file but the adapter run: ours, then the stock baselines a user would make instead.
         files = {"w4": self.path["w4"], "recovered": self.path["recovered"], "searched": self.path["searched"],
-                 "reconstructed": self.path["reconstructed"], **self.baseline_files()}
+                 "reconstructed": self.path["reconstructed"], **self._kl_tuned(), **self.baseline_files()}
         inputs = {"tokens": self.preset.heldout_tokens,
                   **self._hash(self.path["gateup"], adapter_dir / "adapter_model.safetensors", *files.values())}
 
@@ -477,16 +528,17 @@ class Pipeline:
             rows = {"teacher": gateup_rows[TEACHER_ROW], "gateup": gateup_rows[STUDENT_ROW], "gateup+adapter": gateup_rows[ADAPTER_ROW]}
             for label, path in files.items():
                 rows[label] = {row["model"]: row for row in heldout_report(path, None, **common)["rows"]}[STUDENT_ROW]
-            order = ["teacher", "w4", "gateup", "gateup+adapter", "recovered", "searched", "reconstructed", *self.baseline_files()]
+            order = ["teacher", "w4", "gateup", "gateup+adapter", "recovered", "searched", "reconstructed", *self._kl_tuned(),
+                     *self.baseline_files()]
             rows = {label: rows[label] for label in order}
             report = {"text": gateup["text"], "windows": gateup["windows"], "window": gateup["window"], "rows": rows}
             with atomic_output(self.path["heldout"], force=True) as tmp:
                 tmp.write_text(json.dumps(report, indent=2))
-            kl = {k: rows[k]["kl_to_teacher"] for k in ("gateup", "gateup+adapter", "recovered", "searched", "reconstructed")}
+            kl = {k: rows[k]["kl_to_teacher"] for k in ("gateup", "gateup+adapter", "recovered", "searched", "reconstructed", *self._kl_tuned())}
             reference = BASELINE_LABEL.format(preset=self.preset.search_reference)
+            ours = ", ".join(f"{label} {value:.3f}" for label, value in kl.items() if label not in ("gateup", "gateup+adapter", "recovered"))
             return {"line": f"KL to teacher: gateup {kl['gateup']:.3f}, with the adapter {kl['gateup+adapter']:.3f}, "
-                            f"recovered (one file) {kl['recovered']:.3f}, searched {kl['searched']:.3f}, "
-                            f"reconstructed {kl['reconstructed']:.3f} "
+                            f"recovered (one file) {kl['recovered']:.3f}, {ours} "
                             f"({reference} {rows[reference]['kl_to_teacher']:.3f})", "rows": rows}
 
         return self._step("heldout", inputs, outputs, action)
@@ -495,7 +547,12 @@ class Pipeline:
         adapter = self.path["train"] / "adapter.gguf"
         return {"teacher": (None, None), "w4": (self.path["w4"], None), "gateup": (self.path["gateup"], None),
                 "gateup+adapter": (self.path["gateup"], adapter), "recovered": (self.path["recovered"], None),
-                "searched": (self.path["searched"], None), "reconstructed": (self.path["reconstructed"], None)}
+                "searched": (self.path["searched"], None), "reconstructed": (self.path["reconstructed"], None),
+                **{label: (path, None) for label, path in self._kl_tuned().items()}}
+
+    def _kl_tuned(self) -> dict[str, Path]:
+        """The kl-tuned variant, where the preset runs the kltune step."""
+        return {"kl-tuned": self.path["kl-tuned"]} if self.preset.kltune else {}
 
     def eval(self) -> dict:
         from recover_lora.runtime.evaluate import EvalSettings, finished_results, run_eval
@@ -581,7 +638,7 @@ class Pipeline:
         outputs = [self.out / "report.md", self.out / "report.html"]
         sources = [self.path["heldout"], self.path["bench"], self.path["roofline"]]
         sources += [self.path["eval"] / f"{label}.json" for label in self._variant_files()]
-        sources += [self.path["searched"], self.path["search"], self.path["reconstruct"], *self.baseline_files().values()]
+        sources += [self.path["searched"], self.path["search"], self.path["reconstruct"], self.path["kltune"], *self.baseline_files().values()]
         inputs = {**self._hash(*sources, *[self.path[p] for p in self.config.policies]), "commands": commands}
 
         def action() -> dict:
@@ -635,6 +692,7 @@ def run_pipeline(config: PipelineConfig, commands: list[str] | None = None) -> P
     pipeline.autoround()
     pipeline.search()
     pipeline.reconstruct()
+    pipeline.kltune()
     pipeline.train()
     pipeline.recover()
     pipeline.heldout()

@@ -113,6 +113,14 @@ class Preset:
     reconstruct_samples: int = 128
     reconstruct_iters: int = 100
     reconstruct_weighting: str = "mse"
+    # End-to-end KL tuning of the reconstructed file's codes (`kltune` step, recovery/kl_tune.py): whether it runs,
+    # its calibration windows (the first synthetic samples; the last kltune_held_out of them judge its snapshots) and
+    # passes over the rest. It holds every quantized weight's tuning state at once, ~29 bytes per weight beside both
+    # models in fp32 (`recover-lora plan`): 10.5 GiB for the default model, far past any one GPU for a 4B model.
+    kltune: bool = True
+    kltune_samples: int = 128
+    kltune_epochs: int = 2
+    kltune_held_out: int = 16
     # Rate of the Q2_K block scales in the `recover` step. Measured on the default model (README "One file"):
     # 1e-3 is stable; 3e-3 drifted upwards and 1e-2 diverged within the cpu-demo schedule.
     recover_block_scales_lr: float = 1e-3
@@ -126,7 +134,7 @@ class Preset:
     def __post_init__(self) -> None:
         positive = ("synth_samples", "synth_seq_len", "synth_batch_size", "heldout_tokens", "bench_repeats", "bench_n_gen",
                     "probe_array_mib", "imatrix_samples", "recover_block_scales_lr", "search_samples",
-                    "reconstruct_samples", "reconstruct_iters")
+                    "reconstruct_samples", "reconstruct_iters", "kltune_samples", "kltune_epochs", "kltune_held_out")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise RecoverLoraError(f"preset {self.name}: {name}={getattr(self, name)} must be > 0")
@@ -142,6 +150,9 @@ class Preset:
         if self.reconstruct_weighting not in WEIGHTING_CHOICES:  # likewise, not when the reconstruct step starts
             raise RecoverLoraError(f"preset {self.name}: reconstruct_weighting {self.reconstruct_weighting!r} must be one of "
                                    f"{', '.join(WEIGHTING_CHOICES)}")
+        if self.kltune_held_out >= min(self.kltune_samples, self.synth_samples):
+            raise RecoverLoraError(f"preset {self.name}: kltune_held_out={self.kltune_held_out} leaves no window to train on "
+                                   f"(kltune_samples {self.kltune_samples}, synth_samples {self.synth_samples})")
         if self.search_reference not in self.baseline_presets:
             raise RecoverLoraError(f"preset {self.name}: search_reference {self.search_reference!r} must be one of its baseline_presets")
         if self.eval_limit is not None and self.eval_limit <= 0:
@@ -177,6 +188,7 @@ PRESETS: dict[str, Preset] = {
         train=TrainRecipe(rank=64, alpha=128.0, lr=5e-4, batch_size=32, epochs=2.0, warmup_steps=30, checkpoint_every=100,
                           init="eora", loss_chunk=1024, gradient_checkpointing=True),
         recover_block_scales_lr=5e-4,
+        kltune=False,  # 4B and up: its tuning state alone is > 100 GiB (see kltune above)
         heldout_tokens=32768, eval_tasks="paper12", eval_limit=1000,
         bench_depths=(0, 512, 2048, 4096), bench_repeats=5, bench_n_gen=64, roofline_contexts=(0, 1024, 4096, 16384, 32768),
     ),
@@ -192,7 +204,7 @@ PRESETS: dict[str, Preset] = {
         bench_depths=(0,), bench_repeats=1, bench_n_gen=4, roofline_contexts=(0, 256),
         probe_array_mib=16, matvec_layers=0, attention_layers=0, imatrix_samples=4,
         baseline_presets=("Q4_K_M", "IQ4_XS"), search_samples=4, autoround_baselines=("q4_k_m@0",),
-        reconstruct_samples=4, reconstruct_iters=4,
+        reconstruct_samples=4, reconstruct_iters=4, kltune_samples=8, kltune_epochs=1, kltune_held_out=2,
     ),
 }
 

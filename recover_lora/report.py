@@ -184,6 +184,30 @@ def reconstruct_section(reconstruct: dict, heldout_rows: dict) -> list[str]:
     ]
 
 
+def kltune_section(kltune: dict, heldout_rows: dict) -> list[str]:
+    """What end-to-end KL tuning did to the reconstructed file: its held-out KL on unseen text, same bytes."""
+    if "refused" in kltune:
+        return [f"Not tuned: {kltune['refused']}." + (" `kl-tuned.gguf` is the reconstructed file as it is." if "kl-tuned" in heldout_rows else "")]
+    before, after = heldout_rows["reconstructed"]["kl_to_teacher"], heldout_rows["kl-tuned"]["kl_to_teacher"]
+    settings = kltune["settings"]
+    change = f"{after / before - 1:+.0%}" if before else "—"
+    untouched = kltune["untouched"]
+    kept = ("" if kltune["kept"] else
+            " No snapshot beat the reconstructed file on the held-out windows, so `kl-tuned.gguf` keeps its bytes.")
+    return [
+        f"`recover-lora kl-tune` tuned the rounding of {len(kltune['tensors'])} tensors of the reconstructed file (the token "
+        f"embedding and output head included) end to end on the teacher's next-token distributions: {kltune['steps']} "
+        f"signed-gradient steps of {settings['lr']} code units (decayed to 0) over {settings['epochs']} passes of the "
+        f"calibration windows, {kltune['seconds'] / 60:.1f} min; the same tensor types and bytes, so the same decode speed."
+        + kept,
+        "",
+        f"- KL on the {settings['held_out']} calibration windows it never trained on (they choose its best snapshot): "
+        f"{kltune['held_out_kl_before']:.4f} → {kltune['held_out_kl_after']:.4f}"
+        + (f"; {len(untouched)} tensors of types without a block format left as they are" if untouched else "") + ".",
+        f"- Held-out KL to the teacher (the table above): reconstructed {before:.4f} → kl-tuned **{after:.4f}** ({change}).",
+    ]
+
+
 def speed_rows(records: list[dict], roofline: dict, baseline_label: str) -> list[dict]:
     """One row per (variant, depth): measured decode/prefill tokens/s, ratio to the baseline, roofline prediction."""
     predictions = {
@@ -344,6 +368,7 @@ def write_report(out_dir: str | os.PathLike) -> Path:
     pareto = pareto_rows({**variants, **baselines}, heldout["rows"], comparison, rows, out)
     search = json.loads((out / files["search"]).read_text())
     reconstruct = json.loads((out / files["reconstruct"]).read_text())
+    kltune = json.loads((out / files["kltune"]).read_text()) if "kltune" in files else None  # runs from before the step had none
     plot_pareto(pareto, out / PARETO_PLOT)
     device = records[0]["device"]
     eval_any = json.loads((out / variants[roles["quantized"]]["eval"]).read_text())
@@ -356,6 +381,8 @@ def write_report(out_dir: str | os.PathLike) -> Path:
     file_sizes = {f"{policy}.gguf": info for policy, info in export_summary["files"].items()}
     file_sizes[files["searched"]] = steps["search"]["summary"]["file"]
     file_sizes[files["reconstructed"]] = steps["reconstruct"]["summary"]["file"]
+    if kltune is not None and "refused" not in kltune:
+        file_sizes[files["kl-tuned"]] = steps["kltune"]["summary"]["file"]
     file_sizes |= {f"{files['baselines']}/{preset}.gguf": info for preset, info in steps["baselines"]["summary"]["files"].items()}
     autoround = steps.get("autoround", {}).get("summary", {})
     file_sizes |= {meta["baselines"][label]: info for label, info in autoround.get("files", {}).items()}
@@ -403,6 +430,7 @@ def write_report(out_dir: str | os.PathLike) -> Path:
         "",
         *reconstruct_section(reconstruct, heldout["rows"]),
         "",
+        *(["## End-to-end KL tuning", "", *kltune_section(kltune, heldout["rows"]), ""] if kltune is not None else []),
         "## Which variant to deploy",
         "",
         "The stock presets are llama.cpp's own (`recover-lora export --llama-preset P`: the model's own widths, llama.cpp's "

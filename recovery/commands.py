@@ -1,4 +1,5 @@
-"""CLI commands of the recovery stage: synth (synth_cli.py), train, export-adapter, check-adapter, heldout, imatrix, merge, gptq, reconstruct.
+"""CLI commands of the recovery stage: synth (synth_cli.py), train, export-adapter, check-adapter, heldout, imatrix, merge, gptq, reconstruct,
+kl-tune.
 
 Only typer is imported here; torch, peft and llama_cpp load inside the commands.
 """
@@ -16,6 +17,7 @@ import typer
 from recover_lora.errors import RecoverLoraError
 from recover_lora.presets import PRESETS
 from recover_lora.recovery import gptq as gptq_defaults  # torch-free at import: its defaults only
+from recover_lora.recovery import kl_tune as kl_tune_defaults  # likewise
 from recover_lora.recovery import reconstruct as reconstruct_defaults  # likewise
 from recover_lora.recovery.train_config import TrainConfig
 
@@ -48,6 +50,7 @@ def register(app: typer.Typer) -> None:
     app.command("merge")(merge_command)
     app.command("gptq")(gptq_command)
     app.command("reconstruct")(reconstruct_command)
+    app.command("kl-tune")(kl_tune_command)
 
 
 def train_command(
@@ -317,4 +320,46 @@ def reconstruct_command(
     kept = sum(r.kept for r in result.blocks)
     typer.echo(f"wrote {result.path}: {len(result.rewritten)} tensors rewritten in {kept} of {len(result.blocks)} blocks "
                f"({result.resumed_blocks} from the checkpoint), {len(result.untouched)} left as they are (no block format); "
+               f"report {result.report_path}")
+
+
+def kl_tune_command(
+    base: Path = typer.Argument(..., help="A quantized GGUF of the model's own widths (searched, reconstructed, exported --pad none, a --llama-preset)"),
+    out: Path = typer.Option(..., "--out", "-o", help="The GGUF to write: the base's types and bytes per tensor, tuned codes (and scales)"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Full-precision model the base was exported from (default: SmolLM2-135M-Instruct)"),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="Calibration windows: a `recover-lora synth` folder"),
+    text: Optional[Path] = typer.Option(None, "--text", help="Or a .txt (documents split at blank lines) / .jsonl file"),
+    max_samples: int = typer.Option(kl_tune_defaults.DEFAULT_SAMPLES, "--max-samples", help="Use only the first N windows (the last --held-out of them held out)"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window (text: default 512)"),
+    epochs: int = typer.Option(kl_tune_defaults.DEFAULT_EPOCHS, "--epochs", help="Passes over the training windows"),
+    lr: float = typer.Option(kl_tune_defaults.DEFAULT_LR, "--lr", help="Step of the rounding offsets in code units, decayed linearly to 0"),
+    tune: str = typer.Option(kl_tune_defaults.KLTuneSettings.tune, "--tune", help="What learns: codes (each weight's rounding) or both (and the block scales)"),
+    scale_lr_share: float = typer.Option(kl_tune_defaults.KLTuneSettings.scale_lr_share, "--scale-lr-share", help="With --tune both: the scales' step as a share of --lr"),
+    batch_size: int = typer.Option(kl_tune_defaults.DEFAULT_BATCH_SIZE, "--batch-size", help="Windows per step"),
+    held_out: int = typer.Option(kl_tune_defaults.DEFAULT_HELD_OUT, "--held-out", help="Windows never trained on, where the best snapshot is chosen"),
+    evals_per_epoch: int = typer.Option(kl_tune_defaults.KLTuneSettings.evals_per_epoch, "--evals-per-epoch", help="Snapshots judged on the held-out windows per epoch"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the windows' order"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | mps"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output and discard a checkpoint of other settings"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="The JSON report [default: OUT with suffix .kltune.json]"),
+) -> None:
+    """Tune the base's codes (and scales) end to end so its next-token distribution matches the teacher's (KL, as DWQ); same types, bytes and speed.
+
+    Every tensor of a type with a block format learns, the token embedding and output head included. A killed run
+    resumes from its last snapshot (the folder OUT.kltune/); run it again with the same settings.
+    """
+    from recover_lora.recovery.kl_tune import KLTuneSettings, kl_tune
+
+    settings = KLTuneSettings(epochs=epochs, lr=lr, tune=tune, scale_lr_share=scale_lr_share, batch_size=batch_size,
+                              held_out=held_out, evals_per_epoch=evals_per_epoch, seed=seed, device=device)  # checked before any work
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    result = kl_tune(base, out, teacher=teacher, samples=samples, text=text, max_samples=max_samples, seq_len=seq_len,
+                     settings=settings, report_path=json_out, force=force, progress=typer.echo)
+    state = "kept" if result.kept else "no snapshot beat the input: its bytes are kept"
+    typer.echo(f"wrote {result.path}: {len(result.tensors)} tensors tuned, held-out KL {result.held_out_kl_before:.4f} -> "
+               f"{result.held_out_kl_after:.4f} ({state}), {len(result.untouched)} left as they are (no block format); "
                f"report {result.report_path}")

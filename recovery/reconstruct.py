@@ -133,7 +133,7 @@ class ReconstructResult:
 
 
 @dataclass
-class _Tensor:
+class TensorToTune:
     """A block linear to tune: where it lives in the GGUF and in the layer, its teacher weight in GGUF rows."""
 
     name: str  # GGUF
@@ -155,7 +155,7 @@ def _windows_digest(ids, counted) -> str:
     return digest.hexdigest()
 
 
-def plan_tensors(info, n_layers: int) -> tuple[list[list[_Tensor]], dict[str, str]]:
+def plan_tensors(info, n_layers: int) -> tuple[list[list[TensorToTune]], dict[str, str]]:
     """Per block, the linears with a block format; and every block linear without one (name -> type)."""
     from recover_lora.export.ggml_blocks import BLOCK_TYPES
     from recover_lora.export.model import hf_name
@@ -171,11 +171,11 @@ def plan_tensors(info, n_layers: int) -> tuple[list[list[_Tensor]], dict[str, st
         prefix = f"model.layers.{block}."
         if not full.startswith(prefix):
             raise RecoverLoraError(f"{name} maps to {full}, not a parameter of model.layers.{block}; this architecture is not supported here")
-        per_block[block].append(_Tensor(name, ggml_type, full[len(prefix):], full, info.tensor_shapes[name]))
+        per_block[block].append(TensorToTune(name, ggml_type, full[len(prefix):], full, info.tensor_shapes[name]))
     return per_block, untouched
 
 
-def _row_order(tensor: _Tensor, config):
+def hf_row_order(tensor: TensorToTune, config):
     """Index of each Hugging Face row in GGUF row order (llama.cpp permutes q/k rows), or None if the same."""
     import numpy as np
     import torch
@@ -262,7 +262,7 @@ def _set_weights(layer, values: dict) -> None:
             layer.get_parameter(parameter).copy_(value)
 
 
-def _written_weight(raw, tensor: _Tensor, config):
+def written_weight(raw, tensor: TensorToTune, config):
     """Hugging Face-ordered float32 weight of these bytes: gguf.quants.dequantize's values."""
     import torch
 
@@ -272,7 +272,7 @@ def _written_weight(raw, tensor: _Tensor, config):
     return torch.from_numpy(config.arch.from_gguf(tensor.hf_name, values, config).copy())
 
 
-def reconstruct_block(index: int, layer, kwargs: dict, tensors: list[_Tensor], teacher, base_tensors: dict, config,
+def reconstruct_block(index: int, layer, kwargs: dict, tensors: list[TensorToTune], teacher, base_tensors: dict, config,
                       inputs, targets, error_weights, settings: ReconstructSettings) -> tuple[BlockRecord, dict, torch.Tensor]:
     """Tune block `index` of the student, leaving the layer with the weights to write.
 
@@ -296,11 +296,11 @@ def reconstruct_block(index: int, layer, kwargs: dict, tensors: list[_Tensor], t
         target = torch.from_numpy(np.ascontiguousarray(config.arch.to_gguf(t.hf_name, teacher_weight, config)))
         blocks = from_bytes(np.asarray(base_tensors[t.name].data), t.ggml_type)
         weights[t.parameter] = QuantizedWeight(blocks, target).to(device)
-        row_orders[t.parameter] = _row_order(t, config)
+        row_orders[t.parameter] = hf_row_order(t, config)
     generator = torch.Generator().manual_seed((settings.seed << 16) + index)
     tune_block(layer, kwargs, weights, row_orders, inputs, targets, error_weights, settings, generator)
     new_bytes = {t.name: weights[t.parameter].to_blocks().to_bytes() for t in tensors}
-    _set_weights(layer, {t.parameter: _written_weight(new_bytes[t.name], t, config) for t in tensors})
+    _set_weights(layer, {t.parameter: written_weight(new_bytes[t.name], t, config) for t in tensors})
     tuned_outputs = layer_outputs(layer, inputs, kwargs, device)
     tuned = float(output_error(tuned_outputs, targets, error_weights))
     kept = tuned < before
@@ -414,7 +414,7 @@ def reconstruct(
         if index < len(finished) or not tensors:  # done before (rebuild its outputs), or nothing of a block format
             saved, new_bytes = finished[index] if index < len(finished) else (None, {})
             record = None if saved is None else BlockRecord(**saved)
-            _set_weights(layer, {t.parameter: _written_weight(new_bytes[t.name], t, info.config) for t in tensors if t.name in new_bytes})
+            _set_weights(layer, {t.parameter: written_weight(new_bytes[t.name], t, info.config) for t in tensors if t.name in new_bytes})
             outputs = layer_outputs(layer, student_inputs, kwargs, device)
         else:
             record, new_bytes, outputs = reconstruct_block(index, layer, kwargs, tensors, teacher_model, base_tensors, info.config,

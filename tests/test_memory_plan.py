@@ -202,9 +202,9 @@ def test_plan_command_prints_a_table_and_writes_json(tmp_path, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "qwen3-4b: qwen3, 36 layers" in printed and "\nfits\n" in printed
-    rows = [line.split()[0] for line in printed.splitlines()[4:17]]
-    assert rows == ["synth", "imatrix", "export", "baselines", "autoround", "search", "reconstruct", "train", "recover", "heldout",
-                    "eval", "bench", "report"]
+    rows = [line.split()[0] for line in printed.splitlines()[4:18]]
+    assert rows == ["synth", "imatrix", "export", "baselines", "autoround", "search", "reconstruct", "kltune", "train", "recover",
+                    "heldout", "eval", "bench", "report"]
     plan = json.loads(out.read_text())
     assert plan["fits"] and plan["gpus"] == 1 and [s["step"] for s in plan["steps"]] == rows
     train = next(s for s in plan["steps"] if s["step"] == "train")

@@ -30,7 +30,7 @@ def forbid_every_step(monkeypatch) -> None:
         raise AssertionError("an up-to-date step ran again")
 
     for name in ("export.quantize.export_model", "export.llama_presets.export_llama_preset", "export.type_search.search_types",
-                 "export.autoround.autoround_gguf", "recovery.reconstruct.reconstruct",
+                 "export.autoround.autoround_gguf", "recovery.reconstruct.reconstruct", "recovery.kl_tune.kl_tune",
                  "recovery.synth.synthesize", "recovery.imatrix.compute_imatrix",
                  "recovery.distill.train", "recovery.merge.merge_run", "recovery.heldout.heldout_report", "runtime.evaluate.run_eval",
                  "runtime.bench.run_bench"):
@@ -74,7 +74,8 @@ def test_every_step_writes_its_outputs(finished_run):
                  "recovered.gguf", "recover/block_scales.safetensors", "recover/adapter.gguf", "eval/recovered.json", "pareto.png",
                  "bench.jsonl", "host.toml", "roofline.json", "report.md", "report.html", "accuracy.png", "tokens_per_s.png",
                  "baselines/Q4_K_M.gguf", "baselines/IQ4_XS.gguf", "baselines/autoround-q4_k_m-iters0.gguf", "searched.gguf",
-                 "search.json", "eval/searched.json", "reconstructed.gguf", "reconstruct.json", "eval/reconstructed.json"):
+                 "search.json", "eval/searched.json", "reconstructed.gguf", "reconstruct.json", "eval/reconstructed.json",
+                 "kl-tuned.gguf", "kltune.json", "eval/kl-tuned.json"):
         assert (finished_run / name).is_file(), name
     steps = manifest(finished_run)["steps"]
     assert list(steps) == list(STEPS)
@@ -85,7 +86,7 @@ def test_every_step_writes_its_outputs(finished_run):
 def test_report_has_the_tables_read_from_the_step_outputs(finished_run):
     text = (finished_run / "report.md").read_text()
     for heading in ("## Accuracy", "## Closeness to the teacher", "## Speed on this machine", "## Type search",
-                    "## Block-wise reconstruction", "## Which variant to deploy", "## Files", "## How this was made"):
+                    "## Block-wise reconstruction", "## End-to-end KL tuning", "## Which variant to deploy", "## Files", "## How this was made"):
         assert heading in text
     for task in ("arc_easy", "piqa", "sciq"):
         assert task in text
@@ -94,12 +95,15 @@ def test_report_has_the_tables_read_from_the_step_outputs(finished_run):
     bench = [json.loads(line) for line in (finished_run / "bench.jsonl").read_text().splitlines()]
     baselines = {"llama.cpp Q4_K_M", "llama.cpp IQ4_XS", "AutoRound q4_k_m iters 0"}
     assert {r["pipeline_label"] for r in bench} == {"w4", "gateup", "gateup+adapter", "recovered", "searched", "reconstructed",
-                                                    *baselines}
+                                                    "kl-tuned", *baselines}
     # The stock presets and AutoRound's file stand in the held-out table and the Pareto table beside our files.
-    assert set(heldout["rows"]) >= {"searched", "reconstructed", *baselines}
+    assert set(heldout["rows"]) >= {"searched", "reconstructed", "kl-tuned", *baselines}
     # The reconstructed file has the searched file's types and bytes, and the report gives its held-out KL beside.
     assert (finished_run / "reconstructed.gguf").stat().st_size == (finished_run / "searched.gguf").stat().st_size
     assert f"reconstructed **{heldout['rows']['reconstructed']['kl_to_teacher']:.4f}**" in text
+    # So does the kl-tuned file, tuned on top of the reconstructed one.
+    assert (finished_run / "kl-tuned.gguf").stat().st_size == (finished_run / "searched.gguf").stat().st_size
+    assert f"kl-tuned **{heldout['rows']['kl-tuned']['kl_to_teacher']:.4f}**" in text
     assert re.search(r"\| llama\.cpp IQ4_XS \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| — \| [0-9.]+ \| ", text)
     assert re.search(r"\| AutoRound q4_k_m iters 0 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| — \| [0-9.]+ \| ", text)
     assert "AutoRound's files (`recover-lora autoround`" in text
@@ -126,6 +130,7 @@ def test_second_run_skips_every_step(finished_run, monkeypatch, capsys):
     monkeypatch.setattr("recover_lora.export.type_search.search_types", must_not_run)
     monkeypatch.setattr("recover_lora.export.autoround.autoround_gguf", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.reconstruct.reconstruct", must_not_run)
+    monkeypatch.setattr("recover_lora.recovery.kl_tune.kl_tune", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.synth.synthesize", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.imatrix.compute_imatrix", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.distill.train", must_not_run)
@@ -161,8 +166,8 @@ def test_interrupted_run_resumes_at_the_step_it_stopped(tmp_path, monkeypatch):
         m.setattr(Pipeline, "heldout", killed)
         with pytest.raises(Interrupted):
             run_pipeline(smoke_config(out))
-    assert set(manifest(out)["steps"]) == {"synth", "imatrix", "export", "baselines", "autoround", "search", "reconstruct", "train",
-                                           "recover"}
+    assert set(manifest(out)["steps"]) == {"synth", "imatrix", "export", "baselines", "autoround", "search", "reconstruct", "kltune",
+                                           "train", "recover"}
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished step ran again after the interruption")
@@ -173,6 +178,7 @@ def test_interrupted_run_resumes_at_the_step_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr("recover_lora.export.type_search.search_types", must_not_run)
     monkeypatch.setattr("recover_lora.export.autoround.autoround_gguf", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.reconstruct.reconstruct", must_not_run)
+    monkeypatch.setattr("recover_lora.recovery.kl_tune.kl_tune", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.synth.synthesize", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.imatrix.compute_imatrix", must_not_run)
     monkeypatch.setattr("recover_lora.recovery.distill.train", must_not_run)
@@ -280,8 +286,8 @@ def test_a_no_op_resume_reads_every_file_once_and_then_none(tmp_path, finished_r
     run_pipeline(smoke_config(out), commands=commands)
     assert capsys.readouterr().err.count("up to date, skipped") == len(STEPS)
     ggufs = [path for path in reads if path.endswith(".gguf")]
-    # w4, gateup, imatrix, adapter, recovered, searched, reconstructed and the three baselines: each an input of several steps
-    assert len(ggufs) == 10
+    # w4, gateup, imatrix, adapter, recovered, searched, reconstructed, kl-tuned and the three baselines: each an input of several steps
+    assert len(ggufs) == 11
     assert max(reads.values()) == 1, reads.most_common(3)
     # Another new process: DIR/file_hashes.json remembers every file the run hashed, so none is read.
     reads = count_file_reads(monkeypatch)

@@ -1,0 +1,390 @@
+"""`recover-lora kl-tune`: a GGUF's codes and scales tuned end to end on the teacher's logits, bit-exact in its own types.
+
+Block-wise reconstruction (reconstruct.py) makes each block's output match the teacher's; what a user meets is the
+output distribution, and on the default model most of the quantized file's KL to the teacher is in the tied token
+embedding / output head, which no block owns. Here every tensor of a type with a block format (ggml_blocks: the
+K-quants, the block-32 types, IQ4_NL), the embedding and output head included, keeps its ggml type and learns its
+rounding offsets (and, with --tune both, its scale multipliers) as recovery/quantized_weight.py lays them out, and the
+loss is the KL from the teacher's next-token distribution to the student's at every counted position, through the
+whole model: mlx-lm's DWQ (distilled weight quantization) objective on SignRound's parameters. The types, byte sizes
+and decode speed stay the input's; stock llama.cpp reads the result.
+
+- Windows: the calibration windows (a synth folder or text), the last `held_out` of them never trained on: the
+  KL there picks the best of the snapshots (evaluated `evals_per_epoch` times per epoch), and unless the best is below
+  the input file's own held-out KL, the output keeps the input's bytes (recorded as reverted).
+- Steps: signed gradient steps (SignRound's), the step size decayed linearly to 0 over the run. End to end the step
+  must be small: every offset moves by it at once, and a step of s flips about 2s of all codes (those within s of a
+  rounding boundary). SignRound's 1 / steps (0.11 for 9 steps) raised stories260K's held-out KL 16-fold in one step;
+  0.01 lowered it 44 % in 12 (the default model: README "kl-tune").
+- Checkpointed at every snapshot (the current and the best parameters, the position in the run) in `<out>.kltune/`:
+  a killed run resumes there with the same settings, and gives the same bytes.
+
+Example:
+    kl_tune("out/reconstructed.gguf", "out/kl-tuned.gguf", samples="out/synth", max_samples=128)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from recover_lora.errors import RecoverLoraError
+from recover_lora.fileio import atomic_output, check_output
+
+DEFAULT_EPOCHS = 2
+DEFAULT_LR = 0.01  # code units per step at the start
+DEFAULT_HELD_OUT = 16  # windows never trained on: the snapshots are judged there
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_SAMPLES = 128
+TUNE_CHOICES = ("codes", "both")
+STATE_FILE = "state.safetensors"
+# torch is imported inside the functions: the CLI reads the defaults above without loading it.
+
+
+@dataclass(frozen=True)
+class KLTuneSettings:
+    """What the result depends on besides the files: recorded in the checkpoint, so a resume uses the same."""
+
+    epochs: int = DEFAULT_EPOCHS
+    lr: float = DEFAULT_LR  # decayed linearly to 0
+    tune: str = "codes"  # "codes": each weight's rounding offset; "both": and the scale multipliers
+    scale_lr_share: float = 0.1  # with "both": the multipliers' step as a share of lr (one moves a whole block)
+    batch_size: int = DEFAULT_BATCH_SIZE
+    held_out: int = DEFAULT_HELD_OUT
+    evals_per_epoch: int = 2
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "held_out", "evals_per_epoch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise RecoverLoraError(f"--{name.replace('_', '-')}={value!r} must be a positive integer")
+        if not 0 < self.lr <= 0.5:
+            raise RecoverLoraError(f"--lr={self.lr} must be within (0, 0.5] (code units per step)")
+        if self.tune not in TUNE_CHOICES:
+            raise RecoverLoraError(f"--tune={self.tune!r}: choose one of {', '.join(TUNE_CHOICES)}")
+        if not 0 <= self.scale_lr_share <= 1:
+            raise RecoverLoraError(f"--scale-lr-share={self.scale_lr_share} must be within [0, 1]")
+
+
+@dataclass
+class Snapshot:
+    step: int
+    held_out_kl: float
+    train_kl: float  # mean KL of the training batches since the previous snapshot
+
+
+@dataclass
+class KLTuneResult:
+    path: Path
+    report_path: Path
+    tensors: dict[str, str]  # GGUF name -> type of every tuned tensor
+    untouched: dict[str, str]  # quantized tensors of types with no block format
+    held_out_kl_before: float  # the input file's KL on the held-out windows
+    held_out_kl_after: float  # the output's (the input's when reverted)
+    kept: bool  # False: no snapshot beat the input on the held-out windows; the output is the input's bytes
+    steps: int
+    snapshots: list[Snapshot] = field(default_factory=list)
+    resumed_at: int = 0  # the step a checkpoint resumed from
+    seconds: float = 0.0
+
+
+def tunable_tensors(info) -> tuple[list, dict[str, str]]:
+    """Every 2-D tensor of a type with a block format (reconstruct.TensorToTune, `parameter` its full name), and the
+    other 2-D tensors not stored F32 (name -> type: F16, the IQ grid types), which stay as they are."""
+    from gguf import GGMLQuantizationType as T
+
+    from recover_lora.export.ggml_blocks import BLOCK_TYPES
+    from recover_lora.export.model import hf_name
+    from recover_lora.recovery.reconstruct import TensorToTune
+
+    tensors, untouched = [], {}
+    for name, ggml_type in info.tensor_types.items():
+        shape = info.tensor_shapes.get(name)
+        if shape is None or len(shape) != 2 or ggml_type == T.F32:
+            continue
+        if ggml_type not in BLOCK_TYPES:
+            untouched[name] = ggml_type.name
+            continue
+        full = hf_name(name, info.config)
+        tensors.append(TensorToTune(name, ggml_type, full, full, tuple(shape)))
+    return tensors, untouched
+
+
+def kl_to_teacher(teacher_log_probs, student_logits, counted):
+    """Mean over counted positions of KL(teacher || student), from the teacher's log-probabilities [B, L, V]."""
+    import torch.nn.functional as F
+
+    student_log_probs = F.log_softmax(student_logits.float(), dim=-1)
+    per_position = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=-1)
+    return (per_position * counted).sum() / counted.sum().clamp(min=1)
+
+
+class _Tuner:
+    """The student with every tunable tensor replaced by a QuantizedWeight: `loss(ids, counted)` is differentiable."""
+
+    def __init__(self, teacher, student, tensors, base_tensors, config, device: str):
+        import numpy as np
+        import torch
+
+        from recover_lora.export.ggml_blocks import from_bytes
+        from recover_lora.recovery.quantized_weight import QuantizedWeight
+        from recover_lora.recovery.reconstruct import hf_row_order
+
+        self.teacher, self.student, self.device = teacher.to(device), student.to(device), device
+        for parameter in self.student.parameters():
+            parameter.requires_grad_(False)
+        self.weights, self.row_orders = {}, {}
+        for t in tensors:
+            teacher_weight = teacher.get_parameter(t.hf_name).detach().float().cpu().numpy()
+            target = torch.from_numpy(np.ascontiguousarray(config.arch.to_gguf(t.hf_name, teacher_weight, config)))
+            blocks = from_bytes(np.asarray(base_tensors[t.name].data), t.ggml_type)
+            self.weights[t.name] = QuantizedWeight(blocks, target).to(device)
+            self.row_orders[t.name] = hf_row_order(t, config)
+        self.parameters = {t.name: t.parameter for t in tensors}
+
+    def overrides(self) -> dict:
+        values = {}
+        for name, weight in self.weights.items():
+            value = weight()
+            order = self.row_orders[name]
+            values[self.parameters[name]] = value if order is None else value[order.to(value.device)]
+        return values
+
+    def teacher_log_probs(self, ids):
+        import torch
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            return F.log_softmax(self.teacher(input_ids=ids.to(self.device), use_cache=False).logits.float(), dim=-1)
+
+    def loss(self, ids, counted, overrides=None):
+        from torch.func import functional_call
+
+        ids, counted = ids.to(self.device), counted.to(self.device)
+        teacher = self.teacher_log_probs(ids)
+        logits = functional_call(self.student, overrides if overrides is not None else self.overrides(), args=(),
+                                 kwargs={"input_ids": ids, "use_cache": False}).logits
+        return kl_to_teacher(teacher, logits, counted)
+
+    def held_out_kl(self, ids, counted, batch_size: int) -> float:
+        """KL over every counted position of these windows (weighted by their counts), the weights as they would be written."""
+        import torch
+
+        with torch.no_grad():
+            overrides = self.overrides()
+            total, positions = 0.0, 0
+            for start in range(0, ids.shape[0], batch_size):
+                chunk = slice(start, start + batch_size)
+                n = int(counted[chunk].sum())
+                total += float(self.loss(ids[chunk], counted[chunk], overrides)) * n
+                positions += n
+        return total / max(positions, 1)
+
+    def state(self) -> dict:
+        return {f"{name}/{key}": value.detach().cpu().clone() for name, weight in self.weights.items()
+                for key, value in weight.named_parameters()}
+
+    def load_state(self, state: dict) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, weight in self.weights.items():
+                for key, value in weight.named_parameters():
+                    value.copy_(state[f"{name}/{key}"].to(value.device))
+
+
+def _save_state(work: Path, settings: dict, current: dict, best: dict | None, progress: dict) -> None:
+    from safetensors.torch import save_file
+
+    from recover_lora.recovery.reconstruct_checkpoint import SETTINGS_FILE, _versioned
+
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / SETTINGS_FILE).is_file():
+        with atomic_output(work / SETTINGS_FILE, force=True) as tmp:
+            tmp.write_text(json.dumps(_versioned(settings), indent=1) + "\n")
+    tensors = {f"current/{k}": v.contiguous() for k, v in current.items()}
+    tensors.update({f"best/{k}": v.contiguous() for k, v in (best or {}).items()})
+    with atomic_output(work / STATE_FILE, force=True) as tmp:
+        save_file(tensors, str(tmp), metadata={"progress": json.dumps(progress)})
+
+
+def _load_state(work: Path) -> tuple[dict, dict | None, dict] | None:
+    from safetensors import safe_open
+
+    path = work / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            progress = json.loads(handle.metadata()["progress"])
+            current = {k[len("current/"):]: handle.get_tensor(k) for k in handle.keys() if k.startswith("current/")}
+            best = {k[len("best/"):]: handle.get_tensor(k) for k in handle.keys() if k.startswith("best/")}
+    except Exception as e:  # whatever safetensors raises for a damaged file
+        raise RecoverLoraError(f"{path} cannot be read ({e}); delete it, or pass --force to start over") from None
+    return current, best or None, progress
+
+
+def kl_tune(
+    base_gguf: str | Path,
+    out_path: str | Path,
+    teacher: str | Path | None = None,
+    samples: str | Path | None = None,
+    text: str | Path | None = None,
+    max_samples: int | None = DEFAULT_SAMPLES,
+    seq_len: int | None = None,
+    settings: KLTuneSettings = KLTuneSettings(),
+    report_path: str | Path | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> KLTuneResult:
+    """A copy of an unpadded quantized GGUF whose codes (and scales) are tuned on the teacher's logits, end to end.
+
+    Args:
+        base_gguf: the quantized GGUF (the model's own widths), e.g. a searched or reconstructed file.
+        out_path: the GGUF to write (temporary file, checked, renamed); the same types and bytes per tensor.
+        teacher: the full-precision model it was exported from (HF folder or GGUF; None = the default model).
+        samples / text: the calibration windows, a `recover-lora synth` folder or a .txt / .jsonl file.
+        max_samples, seq_len: use the first N windows (the last `settings.held_out` of them held out), cut to this length.
+        settings: epochs, lr, what learns, batch size, held-out windows, evaluations, seed, device.
+        report_path: the JSON report (default: beside the output, `<out>.kltune.json`).
+        force: overwrite the output, and discard a checkpoint of other settings.
+        progress: called with a line per snapshot.
+    """
+    import torch
+
+    from recover_lora.export.gguf_header import read_gguf_header
+    from recover_lora.export.llama_load import llama_cpp_load_check
+    from recover_lora.export.quantize import check_types
+    from recover_lora.fileio import sha256_file
+    from recover_lora.recovery.imatrix import calibration_windows
+    from recover_lora.recovery.merge import replace_tensor_bytes
+    from recover_lora.recovery.reconstruct import _teacher_path, _windows_digest
+    from recover_lora.recovery.reconstruct_checkpoint import check_work_folder
+    from recover_lora.recovery.student import build_student, build_teacher, check_teacher_matches, read_student_info
+    from recover_lora.recovery.teacher_source import teacher_source_identity
+
+    start = time.perf_counter()
+    say = progress or (lambda message: None)
+    base_gguf = Path(base_gguf)
+    if not base_gguf.is_file():
+        raise RecoverLoraError(f"base GGUF {base_gguf} does not exist; export one first (recover-lora export --pad none ...)")
+    out_path = check_output(out_path, force)
+    report_path = check_output(report_path or out_path.with_suffix(".kltune.json"), force)
+    info = read_student_info(base_gguf)
+    if info.unpadded:
+        raise RecoverLoraError(f"{base_gguf.name} was exported with padded widths (recover_lora.unpadded.* keys); "
+                               f"kl-tune needs the model's own widths: export it with --pad none")
+    tensors, untouched = tunable_tensors(info)
+    if not tensors:
+        raise RecoverLoraError(f"{base_gguf.name} has no quantized tensor of a type with a block format "
+                               f"(found {', '.join(sorted(set(untouched.values()))) or 'none'}); nothing to tune")
+    ids, counted, _ = calibration_windows(teacher, samples, text, max_samples, seq_len)
+    useful = counted.any(dim=1)
+    ids, counted = ids[useful], counted[useful]
+    if ids.shape[0] <= settings.held_out:
+        raise RecoverLoraError(f"{ids.shape[0]} calibration windows with counted positions leave none to train on beside "
+                               f"--held-out {settings.held_out}; give more windows (--max-samples) or a smaller --held-out")
+    train_ids, train_counted = ids[: -settings.held_out], counted[: -settings.held_out]
+    held_ids, held_counted = ids[-settings.held_out :], counted[-settings.held_out :]
+    batch = min(settings.batch_size, train_ids.shape[0])
+    steps_per_epoch = math.ceil(train_ids.shape[0] / batch)
+    steps = settings.epochs * steps_per_epoch
+    eval_every = max(1, steps_per_epoch // settings.evals_per_epoch)
+
+    work = out_path.with_name(out_path.name + ".kltune")
+    run_settings = {
+        "base": {"name": base_gguf.name, "sha256": sha256_file(base_gguf)},
+        "teacher": teacher_source_identity(_teacher_path(teacher)),
+        "calibration": {"windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "sha256": _windows_digest(ids, counted)},
+        **asdict(settings),
+    }
+    check_work_folder(work, run_settings, force)
+    resumed = _load_state(work)
+
+    teacher_model, teacher_config = build_teacher(teacher)
+    check_teacher_matches(teacher_config, info)
+    if int(ids.max()) >= teacher_config.vocab_size:
+        raise RecoverLoraError(f"the calibration tokens reach id {int(ids.max())} but the teacher's vocabulary has "
+                               f"{teacher_config.vocab_size}: they come from another model")
+    for t in tensors:
+        found = tuple(teacher_model.get_parameter(t.hf_name).shape)
+        if found != t.shape:
+            raise RecoverLoraError(f"{t.name}: the teacher's weight is {found} but {base_gguf.name} holds {t.shape}; "
+                                   f"give the --teacher the GGUF was exported from")
+    student, _ = build_student(base_gguf)
+    base_tensors = {t.name: t for t in read_gguf_header(base_gguf).tensors}
+    tuner = _Tuner(teacher_model, student, tensors, base_tensors, info.config, settings.device)
+    from recover_lora.recovery.quantized_weight import signed_step
+
+    offsets = [w.offsets for w in tuner.weights.values()]
+    multipliers = [m for w in tuner.weights.values() for m in w.multipliers.values()]
+    generator = torch.Generator().manual_seed(settings.seed)
+    # The windows' order of every epoch, drawn up front: a resumed run continues the same sequence.
+    orders = [torch.randperm(train_ids.shape[0], generator=generator).tolist() for _ in range(settings.epochs)]
+    if resumed is not None:
+        current, best, state = resumed
+        tuner.load_state(current)
+        step, before, best_kl = state["step"], state["held_out_kl_before"], state["best_kl"]
+        snapshots = [Snapshot(**s) for s in state["snapshots"]]
+        say(f"resumed at step {step}/{steps} from {work}")
+    else:
+        best, step, snapshots = None, 0, []
+        before = tuner.held_out_kl(held_ids, held_counted, batch)
+        best_kl = before
+        say(f"held-out KL of {base_gguf.name}: {before:.4f} ({held_counted.sum()} positions in {settings.held_out} windows)")
+    resumed_at, train_losses = step, []
+    while step < steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        chosen = orders[epoch][position * batch : (position + 1) * batch]
+        loss = tuner.loss(train_ids[chosen], train_counted[chosen])
+        loss.backward()
+        train_losses.append(loss.item())
+        step_lr = settings.lr * (1 - step / steps)
+        signed_step(offsets, step_lr)
+        signed_step(multipliers, step_lr * settings.scale_lr_share if settings.tune == "both" else 0.0)
+        for weight in tuner.weights.values():
+            weight.clamp_()
+        step += 1
+        if step % eval_every == 0 or step == steps:
+            held = tuner.held_out_kl(held_ids, held_counted, batch)
+            train_kl = sum(train_losses) / len(train_losses) if train_losses else float("nan")
+            snapshots.append(Snapshot(step, held, train_kl))
+            train_losses = []
+            if held < best_kl:
+                best_kl, best = held, tuner.state()
+            say(f"step {step}/{steps}: training KL {train_kl:.4f}, held-out KL {held:.4f} (input {before:.4f}, best {best_kl:.4f}), "
+                f"{time.perf_counter() - start:.0f} s")
+            _save_state(work, run_settings, tuner.state(), best,
+                        {"step": step, "held_out_kl_before": before, "best_kl": best_kl, "snapshots": [asdict(s) for s in snapshots]})
+
+    kept = best is not None
+    replacements = {}
+    if kept:
+        tuner.load_state(best)
+        replacements = {name: weight.to_blocks().to_bytes() for name, weight in tuner.weights.items()}
+    del tuner, teacher_model, student
+    with atomic_output(out_path, force=force) as tmp:
+        replace_tensor_bytes(base_gguf, tmp, replacements)
+        check_types(tmp, info.tensor_types)
+        llama_cpp_load_check(tmp, name=str(out_path))
+    result = KLTuneResult(path=out_path, report_path=report_path, tensors={t.name: t.ggml_type.name for t in tensors},
+                          untouched=untouched, held_out_kl_before=before, held_out_kl_after=best_kl, kept=kept, steps=steps,
+                          snapshots=snapshots, resumed_at=resumed_at, seconds=round(time.perf_counter() - start, 1))
+    with atomic_output(report_path, force=True) as tmp:
+        tmp.write_text(json.dumps(report(result, base_gguf, settings), indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def report(result: KLTuneResult, base_gguf: Path, settings: KLTuneSettings) -> dict:
+    """The JSON report: the result (held-out KL before and after, every snapshot, the tensors tuned) and the settings."""
+    data = asdict(result)
+    data.update(path=str(result.path), report_path=str(result.report_path), base=str(base_gguf), settings=asdict(settings))
+    return data
