@@ -419,8 +419,8 @@ def heldout_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict,
     on_gpu = gpus > 0
     host, gpu = {"process": TORCH_PROCESS_BYTES, **teacher_reading(sizes)}, {}
     models = {"student fp32": n_params(sizes.student) * 4, "teacher fp32": n_params(sizes.teacher) * 4}
-    if on_gpu:
-        host.update(models)  # both built on the host before either moves
+    if on_gpu:  # each built on the host and moved before the next is built (recovery/heldout.py)
+        host["one model staged fp32"] = max(models.values())
         gpu["CUDA context"] = CUDA_CONTEXT_BYTES
     rows = s.heldout_batch * s.heldout_window
     _place(host, gpu, on_gpu, **{k.replace(" ", "_"): v for k, v in models.items()},

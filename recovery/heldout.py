@@ -112,8 +112,11 @@ def heldout_report(
         check_peft_adapter_against_base(adapter_dir, base_gguf)
     windows = heldout_windows(text, base_gguf, window, max_tokens)
     torch_device = pick_device(device)
-    student, info = build_student(base_gguf)
+    # fp32 both (the student is the GGUF's values exactly); on a GPU the teacher moves there before the student is
+    # built, so the host holds one model at a time.
     teacher, teacher_config = build_teacher(teacher_source)
+    teacher.to(torch_device)
+    student, info = build_student(base_gguf)
     check_teacher_matches(teacher_config, info)
     _use_teacher_tensors(student, teacher, info, teacher_tensors)
     if adapter_dir is not None:
@@ -121,7 +124,6 @@ def heldout_report(
 
         student = PeftModel.from_pretrained(student, str(adapter_dir))
     student.to(torch_device).eval()
-    teacher.to(torch_device)
     rows = measure_heldout(teacher, student, windows, batch_size, torch_device, with_adapter=adapter_dir is not None)
     return {
         "base": str(base_gguf),

@@ -121,8 +121,9 @@ def kl_to_teacher(teacher_log_probs, student_logits, counted):
     """Mean over counted positions of KL(teacher || student), from the teacher's log-probabilities [B, L, V]."""
     import torch.nn.functional as F
 
-    student_log_probs = F.log_softmax(student_logits.float(), dim=-1)
-    per_position = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=-1)
+    from recover_lora.recovery.losses import kl_from_log_probs
+
+    per_position = kl_from_log_probs(teacher_log_probs, F.log_softmax(student_logits.float(), dim=-1))
     return (per_position * counted).sum() / counted.sum().clamp(min=1)
 
 
@@ -203,12 +204,9 @@ class _Tuner:
 def _save_state(work: Path, settings: dict, current: dict, best: dict | None, progress: dict) -> None:
     from safetensors.torch import save_file
 
-    from recover_lora.recovery.reconstruct_checkpoint import SETTINGS_FILE, _versioned
+    from recover_lora.recovery.reconstruct_checkpoint import write_settings
 
-    work.mkdir(parents=True, exist_ok=True)
-    if not (work / SETTINGS_FILE).is_file():
-        with atomic_output(work / SETTINGS_FILE, force=True) as tmp:
-            tmp.write_text(json.dumps(_versioned(settings), indent=1) + "\n")
+    write_settings(work, settings)
     tensors = {f"current/{k}": v.contiguous() for k, v in current.items()}
     tensors.update({f"best/{k}": v.contiguous() for k, v in (best or {}).items()})
     with atomic_output(work / STATE_FILE, force=True) as tmp:
@@ -265,7 +263,7 @@ def kl_tune(
     from recover_lora.fileio import sha256_file
     from recover_lora.recovery.imatrix import calibration_windows
     from recover_lora.recovery.merge import replace_tensor_bytes
-    from recover_lora.recovery.reconstruct import _teacher_path, _windows_digest
+    from recover_lora.recovery.reconstruct import teacher_path, windows_digest
     from recover_lora.recovery.reconstruct_checkpoint import check_work_folder
     from recover_lora.recovery.student import build_student, build_teacher, check_teacher_matches, read_student_info
     from recover_lora.recovery.teacher_source import teacher_source_identity
@@ -301,8 +299,8 @@ def kl_tune(
     work = out_path.with_name(out_path.name + ".kltune")
     run_settings = {
         "base": {"name": base_gguf.name, "sha256": sha256_file(base_gguf)},
-        "teacher": teacher_source_identity(_teacher_path(teacher)),
-        "calibration": {"windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "sha256": _windows_digest(ids, counted)},
+        "teacher": teacher_source_identity(teacher_path(teacher)),
+        "calibration": {"windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "sha256": windows_digest(ids, counted)},
         **asdict(settings),
     }
     check_work_folder(work, run_settings, force)

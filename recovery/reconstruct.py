@@ -143,13 +143,13 @@ class TensorToTune:
     shape: tuple[int, int]
 
 
-def _teacher_path(teacher: str | Path | None) -> Path:
+def teacher_path(teacher: str | Path | None) -> Path:
     from recover_lora.export.sources import default_model_path, resolve_named
 
     return default_model_path() if teacher is None else resolve_named(teacher)
 
 
-def _windows_digest(ids, counted) -> str:
+def windows_digest(ids, counted) -> str:
     digest = hashlib.sha256(ids.numpy().tobytes())
     digest.update(counted.numpy().tobytes())
     return digest.hexdigest()
@@ -374,8 +374,8 @@ def reconstruct(
     work = work_folder(out_path)
     run_settings = {
         "base": {"name": base_gguf.name, "sha256": sha256_file(base_gguf)},
-        "teacher": teacher_source_identity(_teacher_path(teacher)),
-        "calibration": {"windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "sha256": _windows_digest(ids, counted)},
+        "teacher": teacher_source_identity(teacher_path(teacher)),
+        "calibration": {"windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "sha256": windows_digest(ids, counted)},
         **asdict(settings),
     }
     check_work_folder(work, run_settings, force)

@@ -62,17 +62,20 @@ def check_work_folder(work: Path, settings: dict, force: bool) -> None:
         shutil.rmtree(work)
 
 
-def save_block(work: Path, settings: dict, block: int, record: dict | None, tensors: dict[str, np.ndarray]) -> Path:
-    """A finished block: its tensors' new bytes (GGUF name -> uint8 array) and its report record.
-
-    The folder and its settings.json are made with the first block, so a run that fails before one leaves nothing.
-    """
-    from safetensors.numpy import save_file
-
+def write_settings(work: Path, settings: dict) -> None:
+    """Make the folder and its settings.json, if not there yet: with the first saved state, so a run that fails
+    before one leaves nothing (also kl_tune's work folder)."""
     work.mkdir(parents=True, exist_ok=True)
     if not (work / SETTINGS_FILE).is_file():
         with atomic_output(work / SETTINGS_FILE, force=True) as tmp:
             tmp.write_text(json.dumps(_versioned(settings), indent=1) + "\n")
+
+
+def save_block(work: Path, settings: dict, block: int, record: dict | None, tensors: dict[str, np.ndarray]) -> Path:
+    """A finished block: its tensors' new bytes (GGUF name -> uint8 array) and its report record."""
+    from safetensors.numpy import save_file
+
+    write_settings(work, settings)
     path = _block_file(work, block)
     with atomic_output(path, force=True) as tmp:
         save_file({name: np.ascontiguousarray(raw).view(np.uint8).reshape(-1) for name, raw in tensors.items()}, str(tmp),

@@ -264,3 +264,23 @@ def test_eora_covariances_count_one_gram_matrix_per_layer_input(tiny):
     phases, _, _ = train_phases(tiny, train_settings(init="eora", targets="all"), 0)
     # ... and q, k, v one more per layer; o and down read their own (HEADS * HEAD_DIM and INTER wide).
     assert phases["LoRA init"][0]["covariances"] == LAYERS * (2 * HIDDEN**2 + (HEADS * HEAD_DIM) ** 2 + INTER**2) * 8
+
+
+def test_heldout_on_a_gpu_holds_one_model_at_a_time_on_the_host(tiny):
+    """recovery/heldout.py moves the teacher to the GPU before it builds the student: the host never holds both."""
+    settings = plan_settings("smoke", steps=("heldout",))
+    step = plan_memory(tiny, settings, Available(gpus=1)).steps[0]
+    assert step.host["one model staged fp32"] == max(n_params(tiny.student), n_params(tiny.teacher)) * 4
+    assert "student fp32" not in step.host and "teacher fp32" not in step.host
+    assert step.gpu["student fp32"] == n_params(tiny.student) * 4 and step.gpu["teacher fp32"] == n_params(tiny.teacher) * 4
+
+
+def test_kltune_is_planned_with_both_models_and_every_weights_tuning_state_or_skipped_by_the_preset(tiny):
+    from recover_lora.devices.memory_plan import KLTUNE_BYTES_PER_WEIGHT
+
+    settings = plan_settings("smoke", steps=("kltune",))
+    step = plan_memory(tiny, settings, Available()).steps[0]
+    assert step.host["weights being tuned"] == n_params(tiny.student) * KLTUNE_BYTES_PER_WEIGHT
+    assert step.host["student fp32"] == n_params(tiny.student) * 4 and step.host["teacher fp32"] == n_params(tiny.teacher) * 4
+    skipped = plan_memory(tiny, replace(settings, kltune=False), Available()).steps[0]
+    assert "weights being tuned" not in skipped.host and skipped.note == "skipped by the preset"
