@@ -31,8 +31,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# The whole method on the default model, cpu-demo preset (about 75 minutes on 2 CPU cores: the recover step
-# trains a second recipe for ~20 min);
+# The whole method on the default model, cpu-demo preset: 75 minutes on 2 CPU cores when it was last run end to end,
+# before the autoround, search, reconstruct and kltune steps came (measured alone: AutoRound's tuned q3_k_m ~30 min,
+# reconstruct ~17 min, kltune ~9 min, plus their files' eval and bench); not timed end to end since;
 # rerunning resumes or skips what is already done (`recover-lora pipeline --force STEP` redoes a step).
 demo: $(STAMP)
 	$(RL) pipeline --preset cpu-demo --out $(OUT)/cpu-demo

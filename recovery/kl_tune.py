@@ -263,6 +263,7 @@ def kl_tune(
     from recover_lora.fileio import sha256_file
     from recover_lora.recovery.imatrix import calibration_windows
     from recover_lora.recovery.merge import replace_tensor_bytes
+    from recover_lora.recovery.quantized_weight import signed_step
     from recover_lora.recovery.reconstruct import teacher_path, windows_digest
     from recover_lora.recovery.reconstruct_checkpoint import check_work_folder
     from recover_lora.recovery.student import build_student, build_teacher, check_teacher_matches, read_student_info
@@ -319,10 +320,10 @@ def kl_tune(
     student, _ = build_student(base_gguf)
     base_tensors = {t.name: t for t in read_gguf_header(base_gguf).tensors}
     tuner = _Tuner(teacher_model, student, tensors, base_tensors, info.config, settings.device)
-    from recover_lora.recovery.quantized_weight import signed_step
-
     offsets = [w.offsets for w in tuner.weights.values()]
     multipliers = [m for w in tuner.weights.values() for m in w.multipliers.values()]
+    for multiplier in multipliers:  # --tune codes: no gradient through the scales at all (a cheaper backward)
+        multiplier.requires_grad_(settings.tune == "both")
     generator = torch.Generator().manual_seed(settings.seed)
     # The windows' order of every epoch, drawn up front: a resumed run continues the same sequence.
     orders = [torch.randperm(train_ids.shape[0], generator=generator).tolist() for _ in range(settings.epochs)]
@@ -336,7 +337,7 @@ def kl_tune(
         best, step, snapshots = None, 0, []
         before = tuner.held_out_kl(held_ids, held_counted, batch)
         best_kl = before
-        say(f"held-out KL of {base_gguf.name}: {before:.4f} ({held_counted.sum()} positions in {settings.held_out} windows)")
+        say(f"held-out KL of {base_gguf.name}: {before:.4f} ({int(held_counted.sum())} positions in {settings.held_out} windows)")
     resumed_at, train_losses = step, []
     while step < steps:
         epoch, position = divmod(step, steps_per_epoch)
@@ -346,7 +347,7 @@ def kl_tune(
         train_losses.append(loss.item())
         step_lr = settings.lr * (1 - step / steps)
         signed_step(offsets, step_lr)
-        signed_step(multipliers, step_lr * settings.scale_lr_share if settings.tune == "both" else 0.0)
+        signed_step(multipliers, step_lr * settings.scale_lr_share)  # (no gradient, no step, with --tune codes)
         for weight in tuner.weights.values():
             weight.clamp_()
         step += 1
