@@ -327,6 +327,17 @@ class Pipeline:
 
         return self._step("search", inputs, outputs, action)
 
+    def _pass_on(self, step: str, source: str, output: str, reason: str) -> dict:
+        """A tuning step that cannot tune its input: the output is the input as it is, the step's JSON says why."""
+        from recover_lora.export.gguf_info import summarize_gguf
+
+        say(f"[{step}] {reason}: {self.path[output].name} is {self.path[source].name} as it is")
+        with atomic_output(self.path[output], force=True) as tmp:
+            shutil.copyfile(self.path[source], tmp)
+        with atomic_output(self.path[step], force=True) as tmp:
+            tmp.write_text(json.dumps({"refused": reason}) + "\n")
+        return {"line": f"not tuned: {reason}", "refused": reason, "file": _size_summary(summarize_gguf(self.path[output]))}
+
     def reconstruct(self) -> dict:
         """The searched file's codes and scales tuned block by block on the teacher's own text (SignRound on ggml's
         blocks, recovery/reconstruct.py): the same types and bytes, so the same decode speed."""
@@ -344,14 +355,8 @@ class Pipeline:
             from recover_lora.recovery.student import read_student_info
 
             if read_student_info(self.path["searched"]).unpadded:  # reconstruction tunes the model's own widths only
-                reason = "the search chose padded widths, which reconstruction does not tune"
-                say(f"[reconstruct] {reason}: reconstructed.gguf is searched.gguf as it is")
-                with atomic_output(self.path["reconstructed"], force=True) as tmp:
-                    shutil.copyfile(self.path["searched"], tmp)
-                with atomic_output(self.path["reconstruct"], force=True) as tmp:
-                    tmp.write_text(json.dumps({"refused": reason}) + "\n")
-                return {"line": f"not reconstructed: {reason}", "refused": reason,
-                        "file": _size_summary(summarize_gguf(self.path["reconstructed"]))}
+                return self._pass_on("reconstruct", "searched", "reconstructed", "the search chose padded widths, which "
+                                     "reconstruction does not tune")
             # reconstruct keeps a checkpoint of finished blocks beside its output and resumes it when its settings match;
             # force only discards one of other settings.
             result = reconstruct(self.path["searched"], self.path["reconstructed"], teacher=self.config.model,
@@ -395,13 +400,8 @@ class Pipeline:
             from recover_lora.recovery.student import read_student_info
 
             if read_student_info(self.path["reconstructed"]).unpadded:  # the model's own widths only, as reconstruct
-                reason = "the search chose padded widths, which kl-tune does not tune"
-                say(f"[kltune] {reason}: kl-tuned.gguf is reconstructed.gguf as it is")
-                with atomic_output(self.path["kl-tuned"], force=True) as tmp:
-                    shutil.copyfile(self.path["reconstructed"], tmp)
-                with atomic_output(self.path["kltune"], force=True) as tmp:
-                    tmp.write_text(json.dumps({"refused": reason}) + "\n")
-                return {"line": f"not tuned: {reason}", "refused": reason, "file": _size_summary(summarize_gguf(self.path["kl-tuned"]))}
+                return self._pass_on("kltune", "reconstructed", "kl-tuned", "the search chose padded widths, which kl-tune "
+                                     "does not tune")
             # kl_tune keeps a checkpoint beside its output and resumes it when its settings match; force only discards
             # one of other settings.
             result = kl_tune(self.path["reconstructed"], self.path["kl-tuned"], teacher=self.config.model, samples=self.path["synth"],

@@ -260,33 +260,22 @@ def kl_tune(
     from recover_lora.export.gguf_header import read_gguf_header
     from recover_lora.export.llama_load import llama_cpp_load_check
     from recover_lora.export.quantize import check_types
-    from recover_lora.fileio import sha256_file
-    from recover_lora.recovery.imatrix import calibration_windows
     from recover_lora.recovery.merge import replace_tensor_bytes
     from recover_lora.recovery.quantized_weight import signed_step
-    from recover_lora.recovery.reconstruct import teacher_path, windows_digest
+    from recover_lora.recovery.reconstruct import counted_windows, load_matching_teacher, read_base, run_identity
     from recover_lora.recovery.reconstruct_checkpoint import check_work_folder
-    from recover_lora.recovery.student import build_student, build_teacher, check_teacher_matches, read_student_info
-    from recover_lora.recovery.teacher_source import teacher_source_identity
+    from recover_lora.recovery.student import build_student
 
     start = time.perf_counter()
     say = progress or (lambda message: None)
-    base_gguf = Path(base_gguf)
-    if not base_gguf.is_file():
-        raise RecoverLoraError(f"base GGUF {base_gguf} does not exist; export one first (recover-lora export --pad none ...)")
+    base_gguf, info = read_base(base_gguf, "kl-tune")
     out_path = check_output(out_path, force)
     report_path = check_output(report_path or out_path.with_suffix(".kltune.json"), force)
-    info = read_student_info(base_gguf)
-    if info.unpadded:
-        raise RecoverLoraError(f"{base_gguf.name} was exported with padded widths (recover_lora.unpadded.* keys); "
-                               f"kl-tune needs the model's own widths: export it with --pad none")
     tensors, untouched = tunable_tensors(info)
     if not tensors:
         raise RecoverLoraError(f"{base_gguf.name} has no quantized tensor of a type with a block format "
                                f"(found {', '.join(sorted(set(untouched.values()))) or 'none'}); nothing to tune")
-    ids, counted, _ = calibration_windows(teacher, samples, text, max_samples, seq_len)
-    useful = counted.any(dim=1)
-    ids, counted = ids[useful], counted[useful]
+    ids, counted = counted_windows(teacher, samples, text, max_samples, seq_len)
     if ids.shape[0] <= settings.held_out:
         raise RecoverLoraError(f"{ids.shape[0]} calibration windows with counted positions leave none to train on beside "
                                f"--held-out {settings.held_out}; give more windows (--max-samples) or a smaller --held-out")
@@ -298,25 +287,11 @@ def kl_tune(
     eval_every = max(1, steps_per_epoch // settings.evals_per_epoch)
 
     work = out_path.with_name(out_path.name + ".kltune")
-    run_settings = {
-        "base": {"name": base_gguf.name, "sha256": sha256_file(base_gguf)},
-        "teacher": teacher_source_identity(teacher_path(teacher)),
-        "calibration": {"windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "sha256": windows_digest(ids, counted)},
-        **asdict(settings),
-    }
+    run_settings = run_identity(base_gguf, teacher, ids, counted, settings)
     check_work_folder(work, run_settings, force)
     resumed = _load_state(work)
 
-    teacher_model, teacher_config = build_teacher(teacher)
-    check_teacher_matches(teacher_config, info)
-    if int(ids.max()) >= teacher_config.vocab_size:
-        raise RecoverLoraError(f"the calibration tokens reach id {int(ids.max())} but the teacher's vocabulary has "
-                               f"{teacher_config.vocab_size}: they come from another model")
-    for t in tensors:
-        found = tuple(teacher_model.get_parameter(t.hf_name).shape)
-        if found != t.shape:
-            raise RecoverLoraError(f"{t.name}: the teacher's weight is {found} but {base_gguf.name} holds {t.shape}; "
-                                   f"give the --teacher the GGUF was exported from")
+    teacher_model = load_matching_teacher(teacher, info, base_gguf.name, ids, tensors)
     student, _ = build_student(base_gguf)
     base_tensors = {t.name: t for t in read_gguf_header(base_gguf).tensors}
     tuner = _Tuner(teacher_model, student, tensors, base_tensors, info.config, settings.device)

@@ -155,6 +155,62 @@ def windows_digest(ids, counted) -> str:
     return digest.hexdigest()
 
 
+def read_base(base_gguf: str | Path, what: str):
+    """(path, StudentInfo) of a quantized GGUF a tuner rewrites: it exists and holds the model's own widths."""
+    from recover_lora.recovery.student import read_student_info
+
+    base_gguf = Path(base_gguf)
+    if not base_gguf.is_file():
+        raise RecoverLoraError(f"base GGUF {base_gguf} does not exist; export one first (recover-lora export --pad none ...)")
+    info = read_student_info(base_gguf)
+    if info.unpadded:
+        raise RecoverLoraError(f"{base_gguf.name} was exported with padded widths (recover_lora.unpadded.* keys); "
+                               f"{what} needs the model's own widths: export it with --pad none")
+    return base_gguf, info
+
+
+def counted_windows(teacher, samples, text, max_samples, seq_len):
+    """The calibration windows (ids, counted positions) that count at least one position."""
+    from recover_lora.recovery.imatrix import calibration_windows
+
+    ids, counted, _ = calibration_windows(teacher, samples, text, max_samples, seq_len)
+    useful = counted.any(dim=1)
+    ids, counted = ids[useful], counted[useful]
+    if ids.shape[0] == 0:
+        raise RecoverLoraError("the calibration windows have no counted position; give other --samples or --text")
+    return ids, counted
+
+
+def run_identity(base_gguf: Path, teacher, ids, counted, settings) -> dict:
+    """Everything a tuner's bytes depend on, checked against its checkpoint before any model is loaded."""
+    from recover_lora.fileio import sha256_file
+    from recover_lora.recovery.teacher_source import teacher_source_identity
+
+    return {
+        "base": {"name": base_gguf.name, "sha256": sha256_file(base_gguf)},
+        "teacher": teacher_source_identity(teacher_path(teacher)),
+        "calibration": {"windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "sha256": windows_digest(ids, counted)},
+        **asdict(settings),
+    }
+
+
+def load_matching_teacher(teacher, info, base_name: str, ids, tensors):
+    """The teacher model, checked against the GGUF: architecture, vocabulary of the windows, every tuned tensor's shape."""
+    from recover_lora.recovery.student import build_teacher, check_teacher_matches
+
+    teacher_model, teacher_config = build_teacher(teacher)
+    check_teacher_matches(teacher_config, info)
+    if int(ids.max()) >= teacher_config.vocab_size:
+        raise RecoverLoraError(f"the calibration tokens reach id {int(ids.max())} but the teacher's vocabulary has "
+                               f"{teacher_config.vocab_size}: they come from another model")
+    for t in tensors:
+        found = tuple(teacher_model.get_parameter(t.hf_name).shape)
+        if found != t.shape:
+            raise RecoverLoraError(f"{t.name}: the teacher's weight is {found} but {base_name} holds {t.shape}; "
+                                   f"give the --teacher the GGUF was exported from")
+    return teacher_model
+
+
 def plan_tensors(info, n_layers: int) -> tuple[list[list[TensorToTune]], dict[str, str]]:
     """Per block, the linears with a block format; and every block linear without one (name -> type)."""
     from recover_lora.export.ggml_blocks import BLOCK_TYPES
@@ -343,54 +399,26 @@ def reconstruct(
     from recover_lora.export.gguf_header import read_gguf_header
     from recover_lora.export.llama_load import llama_cpp_load_check
     from recover_lora.export.quantize import check_types
-    from recover_lora.fileio import sha256_file
     from recover_lora.recovery.decoder_blocks import (block_output_fisher, decoder_layers, kwargs_to, layer_inputs, layer_kwargs,
                                                       layer_outputs)
-    from recover_lora.recovery.imatrix import calibration_windows
     from recover_lora.recovery.merge import replace_tensor_bytes
     from recover_lora.recovery.reconstruct_checkpoint import check_work_folder, load_blocks, save_block, work_folder
-    from recover_lora.recovery.student import build_student, build_teacher, check_teacher_matches, read_student_info
-    from recover_lora.recovery.teacher_source import teacher_source_identity
+    from recover_lora.recovery.student import build_student
 
-    base_gguf = Path(base_gguf)
-    if not base_gguf.is_file():
-        raise RecoverLoraError(f"base GGUF {base_gguf} does not exist; export one first (recover-lora export --pad none ...)")
+    base_gguf, info = read_base(base_gguf, "reconstruction")
     out_path = check_output(out_path, force)
     report_path = check_output(report_path or out_path.with_suffix(".reconstruct.json"), force)
-    info = read_student_info(base_gguf)
-    if info.unpadded:
-        raise RecoverLoraError(f"{base_gguf.name} was exported with padded widths (recover_lora.unpadded.* keys); "
-                               f"reconstruction needs the model's own widths: export it with --pad none")
     per_block, untouched = plan_tensors(info, info.config.num_layers)
     if not any(per_block):
         raise RecoverLoraError(f"{base_gguf.name} has no block linear of a type with a block format "
                                f"(found {', '.join(sorted(set(untouched.values()))) or 'none'}); nothing to reconstruct")
-    ids, counted, _ = calibration_windows(teacher, samples, text, max_samples, seq_len)
-    useful = counted.any(dim=1)
-    ids, counted = ids[useful], counted[useful]
-    if ids.shape[0] == 0:
-        raise RecoverLoraError("the calibration windows have no counted position; give other --samples or --text")
-    # Everything the bytes depend on, checked against a checkpoint before any model is loaded.
+    ids, counted = counted_windows(teacher, samples, text, max_samples, seq_len)
     work = work_folder(out_path)
-    run_settings = {
-        "base": {"name": base_gguf.name, "sha256": sha256_file(base_gguf)},
-        "teacher": teacher_source_identity(teacher_path(teacher)),
-        "calibration": {"windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "sha256": windows_digest(ids, counted)},
-        **asdict(settings),
-    }
+    run_settings = run_identity(base_gguf, teacher, ids, counted, settings)
     check_work_folder(work, run_settings, force)
     finished = load_blocks(work, info.config.num_layers)
 
-    teacher_model, teacher_config = build_teacher(teacher)
-    check_teacher_matches(teacher_config, info)
-    if int(ids.max()) >= teacher_config.vocab_size:
-        raise RecoverLoraError(f"the calibration tokens reach id {int(ids.max())} but the teacher's vocabulary has "
-                               f"{teacher_config.vocab_size}: they come from another model")
-    for t in (t for tensors in per_block for t in tensors):
-        found = tuple(teacher_model.get_parameter(t.hf_name).shape)
-        if found != t.shape:
-            raise RecoverLoraError(f"{t.name}: the teacher's weight is {found} but {base_gguf.name} holds {t.shape}; "
-                                   f"give the --teacher the GGUF was exported from")
+    teacher_model = load_matching_teacher(teacher, info, base_gguf.name, ids, [t for tensors in per_block for t in tensors])
     student, _ = build_student(base_gguf)
     # Both models stay on the host; one block of each at a time goes to the device (a GPU holds two blocks, not two models).
     device = settings.device

@@ -351,3 +351,21 @@ def test_a_model_autoround_cannot_write_gets_no_autoround_baseline_and_the_run_g
     assert manifest(out)["steps"]["autoround"]["outputs"] == {}
     assert "AutoRound q4_k_m iters 0" not in json.loads((out / "heldout.json").read_text())["rows"]
     assert "No AutoRound file: cannot write LlamaForCausalLM." in (out / "report.md").read_text()
+
+
+def test_a_padded_searched_file_is_passed_on_unchanged_by_reconstruct_and_kltune(tmp_path, stories_gateup, monkeypatch):
+    """Both tuners need the model's own widths: a padded winner of the search goes on as it is, and the step says why."""
+    from test_imatrix import synth_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copyfile(stories_gateup, out / "searched.gguf")
+    synth_folder(out / "synth", n=8, seq_len=32)
+    monkeypatch.setattr("recover_lora.recovery.reconstruct.reconstruct", lambda *a, **k: pytest.fail("tuned a padded file"))
+    monkeypatch.setattr("recover_lora.recovery.kl_tune.kl_tune", lambda *a, **k: pytest.fail("tuned a padded file"))
+    pipeline = Pipeline(smoke_config(out))
+    for step, output in (("reconstruct", "reconstructed.gguf"), ("kltune", "kl-tuned.gguf")):
+        summary = getattr(pipeline, step)()
+        assert summary["refused"] == f"the search chose padded widths, which {'reconstruction' if step == 'reconstruct' else 'kl-tune'} does not tune"
+        assert (out / output).read_bytes() == stories_gateup.read_bytes()
+        assert json.loads((out / f"{step}.json").read_text()) == {"refused": summary["refused"]}
