@@ -3,7 +3,7 @@
 Block-wise reconstruction (reconstruct.py) makes each block's output match the teacher's; what a user meets is the
 output distribution, and on the default model most of the quantized file's KL to the teacher is in the tied token
 embedding / output head, which no block owns. Here every tensor of a type with a block format (ggml_blocks: the
-K-quants, the block-32 types, IQ4_NL), the embedding and output head included, keeps its ggml type and learns its
+K-quants, the block-32 types, IQ4_NL, IQ4_XS), the embedding and output head included, keeps its ggml type and learns its
 rounding offsets (and, with --tune both, its scale multipliers) as recovery/quantized_weight.py lays them out, and the
 loss is the KL from the teacher's next-token distribution to the student's at every counted position, through the
 whole model: mlx-lm's DWQ (distilled weight quantization) objective on SignRound's parameters. The types, byte sizes

@@ -7,13 +7,14 @@ tensor's ggml type (export/ggml_blocks), so every value the forward pass uses is
 
     codes        clamp(round(code_float(W) + V)), code_float from the current scales: (W - w0) / step,
                  where w0 and step are the sub-block's weight at code 0 and its increment per code
-                 (every supported type but IQ4_NL is affine in the code: weight = step · code + w0)
+                 (every supported type but IQ4_NL / IQ4_XS is affine in the code: weight = step · code + w0)
     scale codes  clamp(round((code0 - offset) · β) + offset), β per sub-block (and min codes alike)
     d, dmin, m   fp16(value0 · α), α per super-block
 
-each with a straight-through gradient. IQ4_NL's codes index a 16-level codebook: code_float is the
-fractional index of W / d between the two nearest levels (round(index) is the nearest level, as ggml's
-best_index_int8), V moves it in index units and the gradient is the codebook's local slope.
+each with a straight-through gradient. IQ4_NL's and IQ4_XS's codes index a 16-level codebook: code_float is the
+fractional index of W / s (s the sub-block's level scale: IQ4_NL's d, IQ4_XS's d · (sc - 32)) between the two
+nearest levels (round(index) is the nearest level, as ggml's best_index_int8), V moves it in index units and
+the gradient is the codebook's local slope.
 
 Every straight-through value is `rounded + (x - x.detach())`: the forward adds an exact 0, so the weight
 trained against is bit for bit `type(blocks).torch_dequantize` of the fields `to_blocks` writes, which is
@@ -39,8 +40,7 @@ import torch
 from torch import nn
 
 from recover_lora.errors import RecoverLoraError
-from recover_lora.export.ggml_blocks import GGMLBlocks, HalfField, IQ4NLBlocks
-from recover_lora.export.ggml_blocks.block32 import IQ4_NL_VALUES
+from recover_lora.export.ggml_blocks import IQ4_NL_VALUES, CodebookBlocks, GGMLBlocks, HalfField
 
 OFFSET_RANGE = (-0.5, 0.5)  # SignRound's V: at most half a code either way from round-to-nearest
 MULTIPLIER_RANGE = (0.5, 1.5)  # scale multipliers; SignRound moves them by at most Σ lr (= iters · lr / 2 decayed)
@@ -114,8 +114,8 @@ class QuantizedWeight(nn.Module):
 
     def code_float(self, scales: dict[str, torch.Tensor]) -> torch.Tensor:
         """Real-valued codes of the target under these scales (before V and rounding)."""
-        if self.blocks_type is IQ4NLBlocks:
-            return codebook_index(self.target, scales["d"])
+        if issubclass(self.blocks_type, CodebookBlocks):
+            return codebook_index(self.target, self.blocks_type.level_scale(**scales))
         w0, _, inverse, fill = self.sub_block_grid(scales)
         return (self.target - w0) * inverse + fill
 
@@ -127,9 +127,10 @@ class QuantizedWeight(nn.Module):
         return {"codes": straight_through(codes, codes.detach().round()), **scales}
 
     def forward(self) -> torch.Tensor:
-        if self.blocks_type is IQ4NLBlocks:  # a codebook lookup has no gradient: the levels' local slope instead
+        if issubclass(self.blocks_type, CodebookBlocks):  # a codebook lookup has no gradient: the levels' local slope instead
             fields = self.fields()
-            weight = fields["d"][:, None, None] * codebook_values(fields["codes"])
+            codes = fields.pop("codes")
+            weight = self.blocks_type.level_scale(**fields) * codebook_values(codes)
         else:
             scales = self.scale_fields()
             spec = self.blocks_type.FIELDS["codes"]
@@ -181,18 +182,18 @@ class _RoundedCodes(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def codebook_index(target: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """IQ4_NL: W / d as a fractional index into the sorted levels, linear between neighbours (0..15)."""
+def codebook_index(target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """IQ4_NL / IQ4_XS: W / scale (the level scale, [n, S, 1]) as a fractional index into the sorted levels,
+    linear between neighbours (0..15)."""
     levels = torch.as_tensor(IQ4_NL_VALUES, device=target.device)
-    d = d[:, None, None]
-    scaled = torch.where(d == 0, torch.zeros_like(target), target / torch.where(d == 0, torch.ones_like(d), d))
+    scaled = torch.where(scale == 0, torch.zeros_like(target), target / torch.where(scale == 0, torch.ones_like(scale), scale))
     low = (torch.searchsorted(levels, scaled.detach().contiguous(), right=True) - 1).clamp(0, len(levels) - 2)
     below, above = levels[low], levels[low + 1]
     return (low + (scaled - below) / (above - below)).clamp(0, len(levels) - 1)
 
 
 def codebook_values(codes: torch.Tensor) -> torch.Tensor:
-    """IQ4_NL levels of (straight-through) integer codes: the level exactly, its local step (central difference) backward."""
+    """IQ4_NL's levels of (straight-through) integer codes: the level exactly, its local step (central difference) backward."""
     levels = torch.as_tensor(IQ4_NL_VALUES, device=codes.device)
     local_step = torch.gradient(levels)[0]
     index = codes.detach().round().long()

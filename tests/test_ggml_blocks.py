@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from recover_lora.errors import RecoverLoraError
-from recover_lora.export.ggml_blocks import BLOCK_TYPES, HalfField, Q2KBlocks, blocks_for, from_bytes
+from recover_lora.export.ggml_blocks import BLOCK_TYPES, CodebookBlocks, HalfField, Q2KBlocks, blocks_for, from_bytes
 from recover_lora.export.ggml_quantize import quantize_rows
 
 T = gguf.GGMLQuantizationType
@@ -43,7 +43,7 @@ def raw_sources(ggml_type) -> list[np.ndarray]:
     sources = [quantize_rows(ROWS, ggml_type, threads=1), quantize_rows(ROWS, ggml_type, IMPORTANCE, threads=1)]
     try:
         sources.append(gguf.quants.quantize(ROWS, ggml_type))
-    except NotImplementedError:  # gguf-py only dequantizes the K-quants and IQ4_NL
+    except NotImplementedError:  # gguf-py only dequantizes the K-quants, IQ4_NL and IQ4_XS
         pass
     return sources
 
@@ -98,6 +98,10 @@ def scale_bytes(ggml_type, field: str, s: int) -> set[int]:
         return {4 + s + 4} if s < 4 else {4 + s + 4, 4 + s}
     if ggml_type == T.Q6_K:
         return {192 + s}  # scales[16] after ql[128] and qh[64]
+    if ggml_type == T.IQ4_XS:
+        if field == "d":
+            return {0, 1}
+        return {2 + s // 4, 4 + s // 2}  # scales_h (uint16, 2 bits per sub-block), then scales_l[4] (a nibble each)
     return {0, 1} if field == "d" else {2, 3}  # 32-weight types: d, then Q4_1/Q5_1's m
 
 
@@ -143,8 +147,8 @@ def test_encode_fits_codes_to_weights_and_clamps_integer_fields(ggml_type):
     fitted = cls.encode(weights=torch.from_numpy(blocks.dequantize()), **others)
     np.testing.assert_array_equal(fitted.dequantize(), blocks.dequantize())
     np.testing.assert_array_equal(fitted.to_bytes().shape, raw.reshape(-1, cls.BLOCK_BYTES).shape)
-    if ggml_type == T.IQ4_NL:
-        live = np.broadcast_to((blocks.d != 0)[:, None, None], blocks.codes.shape)
+    if issubclass(cls, CodebookBlocks):
+        live = np.broadcast_to(blocks.scale_values() != 0, blocks.codes.shape)
     else:
         live = np.broadcast_to((blocks.sub_block_scales()[0] != 0)[:, :, None], blocks.codes.shape)
     np.testing.assert_array_equal(fitted.codes[live], blocks.codes[live])
@@ -190,7 +194,7 @@ def test_torch_dequantize_is_differentiable_in_the_float_fields(ggml_type):
     fields = {name: value.requires_grad_(True) for name, value in blocks.to_torch().items()}
     (cls.torch_dequantize(**fields) ** 2).sum().backward()
     for name, value in fields.items():
-        if name == "codes" and ggml_type == T.IQ4_NL:
+        if name == "codes" and issubclass(cls, CodebookBlocks):
             assert value.grad is None  # codebook indices: a lookup has no gradient
             continue
         assert value.grad is not None and torch.isfinite(value.grad).all() and value.grad.abs().sum() > 0, name

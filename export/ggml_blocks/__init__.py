@@ -1,7 +1,8 @@
 """llama.cpp's ggml block formats as arrays: unpack a tensor's bytes, dequantize (numpy or torch), pack back bit-exactly.
 
 One dataclass per ggml type, all with one API (base.py): block32.py holds Q4_0, Q4_1, Q5_0, Q5_1,
-Q8_0 and IQ4_NL, k_quants.py Q2_K, Q3_K, Q4_K, Q5_K and Q6_K. Codes, scale codes and min codes are
+Q8_0 and IQ4_NL, k_quants.py Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, codebook.py IQ4_XS (and what it shares with
+IQ4_NL: codes that index a table of levels). The IQ grid types (IQ2_*, IQ3_*) are not here. Codes, scale codes and min codes are
 integer arrays in weight order, as stored; d/dmin/m are float32 arrays of fp16 values.
 
 Example:
@@ -28,9 +29,11 @@ from recover_lora.export.ggml_blocks.block32 import (
     Q5_1Blocks,
     Q8_0Blocks,
 )
+from recover_lora.export.ggml_blocks.codebook import CODEBOOK_TYPES, IQ4_NL_VALUES, CodebookBlocks, IQ4XSBlocks
 from recover_lora.export.ggml_blocks.k_quants import K_QUANT_TYPES, Q2KBlocks, Q3KBlocks, Q4KBlocks, Q5KBlocks, Q6KBlocks
 
-BLOCK_TYPES: dict[gguf.GGMLQuantizationType, type[GGMLBlocks]] = {cls.GGML_TYPE: cls for cls in BLOCK32_TYPES + K_QUANT_TYPES}
+BLOCK_TYPES: dict[gguf.GGMLQuantizationType, type[GGMLBlocks]] = {
+    cls.GGML_TYPE: cls for cls in BLOCK32_TYPES + K_QUANT_TYPES + CODEBOOK_TYPES}
 
 
 def blocks_for(ggml_type: gguf.GGMLQuantizationType | int | str) -> type[GGMLBlocks]:
@@ -51,7 +54,7 @@ def from_bytes(raw, ggml_type: gguf.GGMLQuantizationType | int | str) -> GGMLBlo
 
 
 __all__ = [
-    "BLOCK_TYPES", "GGMLBlocks", "HalfField", "IntField", "blocks_for", "from_bytes",
+    "BLOCK_TYPES", "CodebookBlocks", "GGMLBlocks", "HalfField", "IntField", "IQ4_NL_VALUES", "blocks_for", "from_bytes",
     "Q4_0Blocks", "Q4_1Blocks", "Q5_0Blocks", "Q5_1Blocks", "Q8_0Blocks", "IQ4NLBlocks",
-    "Q2KBlocks", "Q3KBlocks", "Q4KBlocks", "Q5KBlocks", "Q6KBlocks",
+    "Q2KBlocks", "Q3KBlocks", "Q4KBlocks", "Q5KBlocks", "Q6KBlocks", "IQ4XSBlocks",
 ]

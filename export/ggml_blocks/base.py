@@ -97,6 +97,8 @@ class GGMLBlocks:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if not hasattr(cls, "GGML_TYPE"):  # a family's shared base (codebook.CodebookBlocks), not a type
+            return
         cls.WEIGHTS_PER_BLOCK, cls.BLOCK_BYTES = GGML_QUANT_SIZES[cls.GGML_TYPE]
         cls.WEIGHTS_PER_SUB_BLOCK = cls.WEIGHTS_PER_BLOCK // cls.SUB_BLOCKS
         layout_bytes = sum(size for _, size in cls.LAYOUT)

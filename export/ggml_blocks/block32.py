@@ -18,14 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from recover_lora.export.ggml_blocks.base import HALF, HALF_BYTES, GGMLBlocks, IntField, pack_planes, read_half, unpack_planes, write_half
+from recover_lora.export.ggml_blocks.codebook import IQ4_NL_VALUES, CodebookBlocks
 
 QK = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0][0]  # 32: QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 = QK4_NL
-IQ4_NL_VALUES = np.array(gguf.quants.IQ4_NL.kvalues, dtype=np.float32)  # kvalues_iq4nl, sorted
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
@@ -189,12 +188,8 @@ class Q8_0Blocks(GGMLBlocks):
 
 
 @dataclass(eq=False)
-class IQ4NLBlocks(GGMLBlocks):
-    """IQ4_NL: weight = d * kvalues_iq4nl[code], a non-linear 4-bit codebook (nibbles laid out as Q4_0's).
-
-    The codes index a table, so torch_dequantize has no gradient for them (it takes them as float and
-    rounds to an index); learn d, or choose the codes by value against `IQ4_NL_VALUES * d`.
-    """
+class IQ4NLBlocks(CodebookBlocks):
+    """IQ4_NL: weight = d * kvalues_iq4nl[code], a non-linear 4-bit codebook (nibbles laid out as Q4_0's; codebook.py)."""
 
     codes: np.ndarray  # uint8 [n, 1, 32], 0..15: indices into IQ4_NL_VALUES
     d: np.ndarray  # float32 [n], fp16 values
@@ -212,27 +207,8 @@ class IQ4NLBlocks(GGMLBlocks):
         return {"d": write_half(f["d"]), "qs": _pack_nibbles(f["codes"])}
 
     @staticmethod
-    def _formula(codes, d):
-        if isinstance(codes, np.ndarray):
-            values = IQ4_NL_VALUES[codes.astype(np.intp)]
-        else:
-            import torch
-
-            values = torch.as_tensor(IQ4_NL_VALUES, dtype=d.dtype, device=d.device)[codes.round().long()]
-        return d[:, None, None] * values
-
-    def sub_block_scales(self):
-        raise NotImplementedError("IQ4_NL's codes index a codebook, not a grid: weight = d * IQ4_NL_VALUES[code]")
-
-    def _fit_codes(self, weights):
-        # The nearest codebook value, as ggml's best_index_int8: x picks value i from the midpoint of
-        # values i-1 and i on. A block of d = 0 holds 0 whatever its codes.
-        d = np.asarray(self.d, np.float32)[:, None, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scaled = np.where(d == 0, 0.0, weights / d)
-        midpoints = (IQ4_NL_VALUES[1:] + IQ4_NL_VALUES[:-1]) / 2
-        codes = np.searchsorted(midpoints, scaled, side="right").astype(np.float64)
-        return np.where(np.isnan(scaled), np.nan, codes)  # NaN weights stay NaN, so encode refuses them
+    def level_scale(d):
+        return d[:, None, None]
 
 
 BLOCK32_TYPES = (Q4_0Blocks, Q4_1Blocks, Q5_0Blocks, Q5_1Blocks, Q8_0Blocks, IQ4NLBlocks)
