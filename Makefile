@@ -85,13 +85,14 @@ recover-recipes: $(STAMP)
 # type search"): on the default model, llama.cpp's stock presets (the model's own widths, llama.cpp's mix), our
 # padded w4 and gateup, AutoRound's GGUF files (calibrated on the same 128 windows), and `recover-lora search` under
 # stock IQ4_XS's bytes and its decode rate (and 0.95 of it), the second searched file then tuned at the same bytes
-# (`reconstruct`, then `kl-tune`); all with one importance matrix from 128 x 128 tokens of the teacher's own text
-# (make demo's first 128 samples). Held-out KL on the README's windows, decode interleaved (2 threads, 64 tokens,
-# median of 5, extra buffer types as the self-test decides). About 95 minutes on 2 cores (AutoRound's tuned file ~25
-# of them, reconstruct ~17, kl-tune ~9); a rerun keeps the synthetic text. Table in $(BASELINES)/table.md.
+# (`reconstruct`, then `kl-tune`), and our reconstruction of AutoRound's untuned q3_k_m file beside AutoRound's own
+# tuning of it (same types, same calibration windows); all with one importance matrix from 128 x 128 tokens of the
+# teacher's own text (make demo's first 128 samples). Held-out KL on the README's windows, decode interleaved
+# (2 threads, 64 tokens, median of 5, extra buffer types as the self-test decides). About 115 minutes on 2 cores (AutoRound's tuned file ~25
+# of them, our two reconstructions ~17 each, kl-tune ~9); a rerun keeps the synthetic text. Table in $(BASELINES)/table.md.
 BASELINES ?= $(OUT)/baselines
 STOCK     := Q4_K_M Q3_K_M IQ4_XS IQ4_NL IQ3_M IQ3_XXS Q2_K
-OURS      := w4 gateup searched searched-95 reconstructed-95 kl-tuned-95
+OURS      := w4 gateup searched searched-95 reconstructed-95 kl-tuned-95 autoround-q3_k_m-iters0-reconstructed
 # AutoRound's own GGUF files, autoround-<scheme>-iters<N>: its optimized RTN (iters 0) and its default tuning (200).
 AUTOROUND := autoround-q4_k_m-iters0 autoround-q3_k_m-iters0 autoround-q2_k_s-iters0 autoround-q3_k_m-iters200
 baselines: $(STAMP)
@@ -105,6 +106,7 @@ baselines: $(STAMP)
 	$(RL) search -o $(BASELINES)/searched-95.gguf --imatrix $(BASELINES)/imatrix.gguf --samples $(BASELINES)/synth --reference $(BASELINES)/IQ4_XS.gguf --min-decode 0.95 --json $(BASELINES)/search-95.json --force
 	$(RL) reconstruct $(BASELINES)/searched-95.gguf -o $(BASELINES)/reconstructed-95.gguf --samples $(BASELINES)/synth --json $(BASELINES)/reconstruct-95.json --force
 	$(RL) kl-tune $(BASELINES)/reconstructed-95.gguf -o $(BASELINES)/kl-tuned-95.gguf --samples $(BASELINES)/synth --json $(BASELINES)/kltune-95.json --force
+	$(RL) reconstruct $(BASELINES)/autoround-q3_k_m-iters0.gguf -o $(BASELINES)/autoround-q3_k_m-iters0-reconstructed.gguf --samples $(BASELINES)/synth --json $(BASELINES)/reconstruct-autoround.json --force
 	for f in $(OURS) $(STOCK) $(AUTOROUND); do $(RL) heldout --base $(BASELINES)/$$f.gguf $(HELDOUT) --json $(BASELINES)/heldout-$$f.json || exit 1; done
 	rm -f $(BASELINES)/bench.jsonl
 	$(RL) bench $(foreach f,$(OURS) $(STOCK) $(AUTOROUND),$(BASELINES)/$(f).gguf) --compare -d 0 -r 5 --n-gen 64 -t 2 -o $(BASELINES)/bench.jsonl

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import STORIES_DIR, llama_cpp_logits, sample_tokens, torch_logits, torch_threads
+from conftest import STORIES_DIR, llama_cpp_logits, make_tiny_hf_model, sample_tokens, torch_logits, torch_threads
 from recover_lora.errors import RecoverLoraError
 from recover_lora.recovery import kl_tune as kl_tune_module
 from recover_lora.recovery.activations import counted_positions
@@ -43,13 +43,13 @@ def stories_q4_0(tmp_path_factory) -> Path:
     return export_unpadded(STORIES_DIR, T.Q4_0, tmp_path_factory.mktemp("kl-tune-base") / "base.gguf")
 
 
-def held_out_kl(path: Path, synth: Path, held_out: int) -> float:
+def held_out_kl(path: Path, synth: Path, held_out: int, teacher: Path = STORIES_DIR) -> float:
     """KL from the teacher to the file's torch student over the counted positions of the last `held_out` windows."""
     samples = load_samples(synth)
     ids, counted = samples.input_ids, counted_positions(samples.loss_mask)
     keep = counted.any(dim=1)
     ids, counted = ids[keep][-held_out:], counted[keep][-held_out:]
-    teacher, student = build_teacher(STORIES_DIR)[0], build_student(path)[0]
+    teacher, student = build_teacher(teacher)[0], build_student(path)[0]
     with torch.no_grad():
         p = F.log_softmax(teacher(ids, use_cache=False).logits.float(), dim=-1)
         q = F.log_softmax(student(ids, use_cache=False).logits.float(), dim=-1)
@@ -87,6 +87,34 @@ def test_tuned_gguf_is_exact_runs_in_llama_cpp_and_lowers_the_held_out_kl(storie
     assert np.abs(ours - theirs).max() / np.abs(ours).max() < 5e-2
     report = json.loads(result.report_path.read_text())
     assert report["settings"]["lr"] == SETTINGS.lr and report["kept"] and not (tmp_path / "tuned.gguf.kltune").exists()
+
+
+# Shaped as real checkpoints are: Qwen2 (q/k/v biases, GQA, an untied output head), Gemma 3 (tied embedding scaled by
+# sqrt(hidden), 4:1 heads of 256, sliding windows), Phi-3 (fused qkv and gate|up). K-quant blocks (hidden 256); the
+# IQ4_XS codebook on one of them.
+ARCH_CASES = [("qwen2", T.Q4_K), ("gemma3", T.Q4_K), ("phi3", T.IQ4_XS)]
+
+
+@pytest.mark.parametrize("arch,ggml_type", ARCH_CASES, ids=[f"{a}-{t.name}" for a, t in ARCH_CASES])
+def test_every_architecture_writes_what_it_trained_and_llama_cpp_computes_it(arch, ggml_type, synth, tmp_path):
+    """The held-out KL the tuner measured on its trained weights is the written file's own, recomputed from gguf-py's
+    dequantization (so every tensor, permuted q/k rows and fused ones included, is written where it was trained),
+    and llama.cpp's logits of that file are torch's."""
+    torch_threads()
+    # Not a folder named "phi3": general.name is the folder's, and llama.cpp gives a model of that name Phi-3's token
+    # attributes, looking up "<|endoftext|>", which the stories260K vocabulary lacks.
+    source = make_tiny_hf_model(tmp_path / "model", arch, seed=2)
+    base = export_unpadded(source, ggml_type, tmp_path / "base.gguf")
+    result = kl_tune(base, tmp_path / "tuned.gguf", teacher=source, samples=synth, settings=SETTINGS)
+    assert result.kept and ggml_type.name in result.tensors.values() and not result.untouched
+    changed = {n for n, t in tensors(base).items() if not np.array_equal(raw_bytes(tensors(result.path)[n]), raw_bytes(t))}
+    assert changed and changed <= set(result.tensors)
+    assert result.held_out_kl_after == pytest.approx(held_out_kl(result.path, synth, SETTINGS.held_out, teacher=source), rel=1e-4)
+    assert result.held_out_kl_after < result.held_out_kl_before
+    student, _ = build_student(result.path)
+    ids = sample_tokens(32, seed=5)
+    ours, theirs = torch_logits(student, ids), llama_cpp_logits(result.path, ids, f32_kv_cache=True)
+    assert np.abs(ours - theirs).max() / np.abs(ours).max() < 5e-2
 
 
 class Interrupted(Exception):
