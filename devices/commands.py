@@ -312,6 +312,7 @@ def plan_command(
     disk: Optional[float] = typer.Option(None, "--disk", help="GiB of disk for the run folder [default: free space under --out]"),
     out: Path = typer.Option(Path("."), "--out", "-o", help="The run folder the disk is for"),
     policy: list[str] = typer.Option([], "--policy", help="Extra export policy besides w4 and gateup, repeatable"),
+    skip: list[str] = typer.Option([], "--skip", help="Plan a run that leaves out this step (autoround, kltune), as `pipeline --skip`; repeatable"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Training weights: auto (bf16 on a GPU) | float32 | bfloat16"),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Plan a top-k teacher cache instead of the teacher in training"),
     loss_chunk: Optional[int] = typer.Option(None, "--loss-chunk", help="Plan lm_head + loss over at most N positions at a time"),
@@ -357,7 +358,7 @@ def plan_command(
         model = str(default_model_path())
     sizes = model_sizes(load_model_shape(model), policies=policies)
     available = available_memory(out, gpus=gpus, gpu_gib=gpu_memory, host_gib=host_memory, disk_gib=disk)
-    plan = checked_plan(sizes, plan_settings(preset, overrides, policies), available)
+    plan = checked_plan(sizes, plan_settings(preset, overrides, policies, skip=tuple(skip)), available)
     typer.echo(format_plan(plan, sizes))
     if json_out is not None:
         with atomic_output(json_out, force=force) as tmp:

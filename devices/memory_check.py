@@ -84,7 +84,9 @@ def remedies(plan: MemoryPlan, step: str, sizes: ModelSizes, resource: str) -> s
     """The training settings that make `step` fit, as flags: each alone, else the first few together (in the
     order below), and the fewest GPUs that make it fit alone or with them."""
     if step not in ("train", "recover") or resource == "disk":
-        return _OTHER_REMEDIES[resource]
+        from recover_lora.presets import SKIPPABLE_STEPS
+
+        return _OTHER_REMEDIES[resource] + (f", or leave the step out (pipeline --skip {step})" if step in SKIPPABLE_STEPS else "")
     t: TrainPlan = getattr(plan.settings, step)
     on_gpu = plan.available.gpus > 0
     candidates = []
@@ -185,7 +187,7 @@ def check_pipeline_memory(config) -> MemoryPlan:
     from recover_lora.export.sources import default_model_path
 
     sizes = model_sizes(load_model_shape(config.model or default_model_path()), policies=config.policies)
-    settings = plan_settings(config.preset, policies=config.policies)
+    settings = plan_settings(config.preset, policies=config.policies, skip=config.skip)
     plan = checked_plan(sizes, settings, in_this_run(available_memory(config.out_dir, device=config.device)))
     if plan.problems and plan.problems[0].startswith(("train ", "recover ")) and ": add " in plan.problems[0]:
         raise RecoverLoraError(f"{plan.problems[0]} (the pipeline trains with --preset's settings: run that step with "

@@ -156,14 +156,17 @@ class PlanSettings:
     reconstruct_samples: int = 128  # calibration windows of the reconstruct step
     reconstruct_weighting: str = "mse"  # its ReconstructSettings.weighting
     kltune: bool = True  # whether the preset runs the kltune step
+    kltune_groups: int = 1  # its tensor groups, tuned one after another
+    kltune_batch_size: int = 8  # its windows per step
 
 
 def plan_settings(preset: str = "cpu-demo", overrides: Mapping | None = None, policies: tuple[str, ...] = ("w4", "gateup"),
-                  steps: tuple[str, ...] = STEPS) -> PlanSettings:
-    """A preset's sizes, with TrainConfig overrides (`top_k`, `loss_chunk`, ...) applied to train and recover alike."""
+                  steps: tuple[str, ...] = STEPS, skip: tuple[str, ...] = ()) -> PlanSettings:
+    """A preset's sizes, with TrainConfig overrides (`top_k`, `loss_chunk`, ...) applied to train and recover alike, and
+    the steps a run leaves out (`pipeline --skip`) planned as such."""
     from recover_lora.presets import get_preset
 
-    p = get_preset(preset)
+    p = get_preset(preset, skip)
     extra = dict(overrides or {})
     n, seq = p.synth_samples, p.synth_seq_len
     return PlanSettings(
@@ -173,7 +176,7 @@ def plan_settings(preset: str = "cpu-demo", overrides: Mapping | None = None, po
         bench_n_ctx=max(p.bench_depths) + p.bench_n_gen + LLAMA_N_UBATCH, policies=policies, steps=steps,
         baseline_presets=p.baseline_presets, autoround_baselines=p.autoround_baselines,
         reconstruct_samples=p.reconstruct_samples, reconstruct_weighting=p.reconstruct_weighting,
-        kltune=p.kltune)
+        kltune=p.kltune, kltune_groups=p.kltune_groups, kltune_batch_size=p.kltune_batch_size)
 
 
 @dataclass(frozen=True)
@@ -501,27 +504,30 @@ def kltune_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict, 
 
     Measured on the default model, 2 CPU cores, batch 8 x 128: 10.5 GiB peak resident; this plan says 13.2 GiB (its
     activations are an upper bound)."""
-    from recover_lora.recovery.kl_tune import DEFAULT_BATCH_SIZE
-
     if not s.kltune:
         return {"process": TORCH_PROCESS_BYTES}, {}, MiB, 0, "skipped by the preset"
     on_gpu = gpus > 0
     c, student = sizes.teacher, sizes.student
     weights = n_params(student)  # the quantized tensors: all but the norms, a rounding error here
+    # With groups, one group's state at a time: a share of the weights, plus at most one tensor past the share's edge.
+    largest = max(student.vocab_size, student.intermediate_size) * student.hidden_size
+    tuned = weights if s.kltune_groups <= 1 else min(weights, weights // s.kltune_groups + largest)
     models = {"student fp32": n_params(student) * 4, "teacher fp32": n_params(c) * 4}
     host = {"process": TORCH_PROCESS_BYTES, **teacher_reading(sizes)}
     gpu = {"CUDA context": CUDA_CONTEXT_BYTES} if on_gpu else {}
     if on_gpu:
         host.update(models)  # both built on the host before they move
-    tokens = DEFAULT_BATCH_SIZE * s.synth_seq_len
+    tokens = s.kltune_batch_size * s.synth_seq_len
     per_token = 8 * c.hidden_size + 4 * c.intermediate_size + 2 * c.num_heads * s.synth_seq_len  # incl. attention scores
     _place(host, gpu, on_gpu, **{k.replace(" ", "_"): v for k, v in models.items()},
-           weights_being_tuned=weights * KLTUNE_BYTES_PER_WEIGHT,
+           weights_being_tuned=tuned * KLTUNE_BYTES_PER_WEIGHT,
            batch_activations=tokens * c.num_layers * per_token * 4 * 3,
            logits=tokens * student.vocab_size * 4 * KLTUNE_LOGIT_FP32_COPIES)
-    host["checkpointed offsets"] = 2 * weights * 4  # current and best, copied to the host at each snapshot
+    host["checkpointed offsets"] = 2 * tuned * 4  # current and best, copied to the host at each snapshot
     written = file_bytes(sizes.policy_tensors["w4"])
-    return host, gpu, written, written + 2 * weights * 4, "a checkpoint of the current and best offsets beside the output"
+    # The checkpoint also holds the finished groups' bytes: at most the file's.
+    checkpoint = 2 * tuned * 4 + (written if s.kltune_groups > 1 else 0)
+    return host, gpu, written, written + checkpoint, "a checkpoint of the current and best offsets beside the output"
 
 
 def autoround_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[dict, dict, int, int, str]:

@@ -50,6 +50,7 @@ def pipeline_command(
     preset: str = typer.Option("cpu-demo", "--preset", help="cpu-demo (2 CPU cores, about 75 minutes) | paper (10,000 samples, GPU) | smoke (seconds, wiring only)"),
     policy: list[str] = typer.Option([], "--policy", help="Extra export policy besides w4 and gateup, repeatable"),
     force: list[str] = typer.Option([], "--force", help="Redo a step even if its outputs are up to date (a step name or 'all'), repeatable"),
+    skip: list[str] = typer.Option([], "--skip", help="Leave out a step nothing later reads (autoround, kltune), repeatable"),
     device: str = typer.Option("auto", "--device", help="Torch device for synth/train/held-out: auto | cuda | mps | cpu"),
     threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (default: all cores)"),
     seed: int = typer.Option(0, "--seed"),
@@ -61,7 +62,7 @@ def pipeline_command(
     from recover_lora.pipeline import PipelineConfig, run_pipeline
 
     config = PipelineConfig(out_dir=out, model=model, preset=preset, extra_policies=tuple(policy), force=tuple(force),
-                            device=device, threads=threads, seed=seed, plan_check=plan_check)
+                            skip=tuple(skip), device=device, threads=threads, seed=seed, plan_check=plan_check)
     command = "recover-lora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = run_pipeline(config, commands=[command])
     typer.echo(f"report: {report} (and {report.with_suffix('.html')})")

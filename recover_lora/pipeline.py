@@ -66,6 +66,7 @@ class PipelineConfig:
     preset: str = "cpu-demo"
     extra_policies: tuple[str, ...] = ()
     force: tuple[str, ...] = ()  # step names, or ("all",)
+    skip: tuple[str, ...] = ()  # steps left out (presets.SKIPPABLE_STEPS)
     device: str = "auto"
     threads: int | None = None
     seed: int = 0
@@ -85,7 +86,7 @@ class PipelineConfig:
         if self.model is not None and not Path(self.model).exists():
             raise RecoverLoraError(f"model source {self.model} does not exist; give a Hugging Face folder, a .gguf file, a named model "
                                    f"({', '.join(NAMED_MODELS)}), or nothing")
-        get_preset(self.preset)
+        get_preset(self.preset, self.skip)
         unknown = [p for p in self.extra_policies if p not in policy_names()]
         if unknown:
             raise RecoverLoraError(f"unknown policy {unknown[0]!r}; choose from: {', '.join(policy_names())}")
@@ -117,7 +118,7 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig):
         self.config = config
-        self.preset = get_preset(config.preset)
+        self.preset = get_preset(config.preset, config.skip)
         self.out = config.out_dir
         self.out.mkdir(parents=True, exist_ok=True)
         self.manifest = Manifest(self.out)
@@ -382,16 +383,18 @@ class Pipeline:
         from recover_lora.recovery.kl_tune import KLTuneSettings, kl_tune
 
         if not self.preset.kltune:
-            reason = f"preset {self.preset.name} skips it (its tuning state does not fit this scale of model: README \"kl-tune\")"
+            reason = ("left out (--skip kltune)" if "kltune" in self.config.skip else
+                      f"preset {self.preset.name} skips it (README \"kl-tune\")")
 
             def skipped() -> dict:
                 with atomic_output(self.path["kltune"], force=True) as tmp:
                     tmp.write_text(json.dumps({"refused": reason}) + "\n")
                 return {"line": f"not tuned: {reason}", "refused": reason}
 
-            return self._step("kltune", {"preset": self.preset.name}, [self.path["kltune"]], skipped)
+            return self._step("kltune", {"preset": self.preset.name, "reason": reason}, [self.path["kltune"]], skipped)
         outputs = [self.path["kl-tuned"], self.path["kltune"]]
-        settings = KLTuneSettings(epochs=self.preset.kltune_epochs, held_out=self.preset.kltune_held_out, seed=self.config.seed,
+        settings = KLTuneSettings(epochs=self.preset.kltune_epochs, held_out=self.preset.kltune_held_out,
+                                  groups=self.preset.kltune_groups, batch_size=self.preset.kltune_batch_size, seed=self.config.seed,
                                   device=str(pick_device(self.config.device)))
         inputs = {"source": self._source_identity(), "settings": asdict(settings), "samples": self.preset.kltune_samples,
                   **self._hash(self.path["reconstructed"], self.path["synth"] / "samples.safetensors")}

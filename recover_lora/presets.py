@@ -115,12 +115,15 @@ class Preset:
     reconstruct_weighting: str = "mse"
     # End-to-end KL tuning of the reconstructed file's codes (`kltune` step, recovery/kl_tune.py): whether it runs,
     # its calibration windows (the first synthetic samples; the last kltune_held_out of them judge its snapshots) and
-    # passes over the rest. It holds every quantized weight's tuning state at once, ~29 bytes per weight beside both
-    # models in fp32 (`recover-lora plan`): 10.5 GiB for the default model, far past any one GPU for a 4B model.
+    # passes over the rest, and its tensor groups. One group's tuning state is held at a time, ~29 bytes per weight
+    # beside both models in fp32 (`recover-lora plan`): 10.5 GiB for the default model in one group; a 4B model needs
+    # groups (each costs a whole schedule of forward and backward passes).
     kltune: bool = True
     kltune_samples: int = 128
     kltune_epochs: int = 2
     kltune_held_out: int = 16
+    kltune_groups: int = 1
+    kltune_batch_size: int = 8  # windows per step: a step's activations through the whole model are held for its backward
     # Rate of the Q2_K block scales in the `recover` step. Measured on the default model (README "One file"):
     # 1e-3 is stable; 3e-3 drifted upwards and 1e-2 diverged within the cpu-demo schedule.
     recover_block_scales_lr: float = 1e-3
@@ -134,7 +137,8 @@ class Preset:
     def __post_init__(self) -> None:
         positive = ("synth_samples", "synth_seq_len", "synth_batch_size", "heldout_tokens", "bench_repeats", "bench_n_gen",
                     "probe_array_mib", "imatrix_samples", "recover_block_scales_lr", "search_samples",
-                    "reconstruct_samples", "reconstruct_iters", "kltune_samples", "kltune_epochs", "kltune_held_out")
+                    "reconstruct_samples", "reconstruct_iters", "kltune_samples", "kltune_epochs", "kltune_held_out", "kltune_groups",
+                    "kltune_batch_size")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise RecoverLoraError(f"preset {self.name}: {name}={getattr(self, name)} must be > 0")
@@ -188,7 +192,8 @@ PRESETS: dict[str, Preset] = {
         train=TrainRecipe(rank=64, alpha=128.0, lr=5e-4, batch_size=32, epochs=2.0, warmup_steps=30, checkpoint_every=100,
                           init="eora", loss_chunk=1024, gradient_checkpointing=True),
         recover_block_scales_lr=5e-4,
-        kltune=False,  # 4B and up: its tuning state alone is > 100 GiB (see kltune above)
+        # 4B: all at once its tuning state alone is > 100 GiB; in 8 groups, 2 windows a step, it fits one 80 GB GPU.
+        kltune_groups=8, kltune_batch_size=2,
         heldout_tokens=32768, eval_tasks="paper12", eval_limit=1000,
         bench_depths=(0, 512, 2048, 4096), bench_repeats=5, bench_n_gen=64, roofline_contexts=(0, 1024, 4096, 16384, 32768),
     ),
@@ -209,8 +214,18 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str) -> Preset:
+# Steps a run may leave out (`pipeline --skip STEP`): nothing later reads their files, only the tables list them.
+SKIPPABLE_STEPS = {"autoround": {"autoround_baselines": ()}, "kltune": {"kltune": False}}
+
+
+def get_preset(name: str, skip: tuple[str, ...] = ()) -> Preset:
+    """A preset by name; `skip` leaves out those of SKIPPABLE_STEPS (e.g. kltune where its tuning state does not fit)."""
     try:
-        return PRESETS[name]
+        preset = PRESETS[name]
     except KeyError:
         raise RecoverLoraError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+    bad = [step for step in skip if step not in SKIPPABLE_STEPS]
+    if bad:
+        raise RecoverLoraError(f"--skip {bad[0]!r}: only {', '.join(SKIPPABLE_STEPS)} can be left out (later steps read the others' files)")
+    changes = {k: v for step in skip for k, v in SKIPPABLE_STEPS[step].items()}
+    return dataclasses.replace(preset, **changes) if changes else preset

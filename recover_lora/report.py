@@ -194,6 +194,10 @@ def kltune_section(kltune: dict, heldout_rows: dict) -> list[str]:
     untouched = kltune["untouched"]
     kept = ("" if kltune["kept"] else
             " No snapshot beat the reconstructed file on the held-out windows, so `kl-tuned.gguf` keeps its bytes.")
+    groups = kltune.get("groups") or []
+    if len(groups) > 1:
+        kept += (f" The tensors were tuned in {len(groups)} groups, one after another; "
+                 f"{sum(g['kept'] for g in groups)} of them beat the model before them and kept their tuning.")
     return [
         f"`recover-lora kl-tune` tuned the rounding of {len(kltune['tensors'])} tensors of the reconstructed file (the token "
         f"embedding and output head included) end to end on the teacher's next-token distributions: {kltune['steps']} "

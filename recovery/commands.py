@@ -338,6 +338,7 @@ def kl_tune_command(
     batch_size: int = typer.Option(kl_tune_defaults.DEFAULT_BATCH_SIZE, "--batch-size", help="Windows per step"),
     held_out: int = typer.Option(kl_tune_defaults.DEFAULT_HELD_OUT, "--held-out", help="Windows never trained on, where the best snapshot is chosen"),
     evals_per_epoch: int = typer.Option(kl_tune_defaults.KLTuneSettings.evals_per_epoch, "--evals-per-epoch", help="Snapshots judged on the held-out windows per epoch"),
+    groups: int = typer.Option(kl_tune_defaults.KLTuneSettings.groups, "--groups", help="Tune the tensors in this many groups, one after another (memory: one group's tuning state at a time)"),
     seed: int = typer.Option(0, "--seed", help="Seed of the windows' order"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | mps"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
@@ -352,7 +353,7 @@ def kl_tune_command(
     from recover_lora.recovery.kl_tune import KLTuneSettings, kl_tune
 
     settings = KLTuneSettings(epochs=epochs, lr=lr, tune=tune, scale_lr_share=scale_lr_share, batch_size=batch_size,
-                              held_out=held_out, evals_per_epoch=evals_per_epoch, seed=seed, device=device)  # checked before any work
+                              held_out=held_out, evals_per_epoch=evals_per_epoch, groups=groups, seed=seed, device=device)  # checked before any work
     if threads is not None:
         import torch
 
@@ -360,6 +361,8 @@ def kl_tune_command(
     result = kl_tune(base, out, teacher=teacher, samples=samples, text=text, max_samples=max_samples, seq_len=seq_len,
                      settings=settings, report_path=json_out, force=force, progress=typer.echo)
     state = "kept" if result.kept else "no snapshot beat the input: its bytes are kept"
+    if len(result.groups) > 1:
+        state += f"; {sum(g.kept for g in result.groups)} of {len(result.groups)} groups kept"
     typer.echo(f"wrote {result.path}: {len(result.tensors)} tensors tuned, held-out KL {result.held_out_kl_before:.4f} -> "
                f"{result.held_out_kl_after:.4f} ({state}), {len(result.untouched)} left as they are (no block format); "
                f"report {result.report_path}")

@@ -16,8 +16,12 @@ and decode speed stay the input's; stock llama.cpp reads the result.
   must be small: every offset moves by it at once, and a step of s flips about 2s of all codes (those within s of a
   rounding boundary). SignRound's 1 / steps (0.11 for 9 steps) raised stories260K's held-out KL 16-fold in one step;
   0.01 lowered it 44 % in 12 (the default model: README "kl-tune").
-- Checkpointed at every snapshot (the current and the best parameters, the position in the run) in `<out>.kltune/`:
-  a killed run resumes there with the same settings, and gives the same bytes.
+- Groups: with `groups` > 1 the tensors are split into that many runs of consecutive tensors (GGUF order) of about
+  equal weight counts, tuned one group after another, each over the whole schedule, the others held at their bytes
+  (the input's, or a finished group's best). Only one group's tuning state is held at a time: what lets a 4B model
+  tune on one GPU. A group whose best snapshot does not beat the model before it keeps its input bytes.
+- Checkpointed at every snapshot (the current and the best parameters, the position in the run, the bytes of the
+  finished groups) in `<out>.kltune/`: a killed run resumes there with the same settings, and gives the same bytes.
 
 Example:
     kl_tune("out/reconstructed.gguf", "out/kl-tuned.gguf", samples="out/synth", max_samples=128)
@@ -57,11 +61,12 @@ class KLTuneSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     held_out: int = DEFAULT_HELD_OUT
     evals_per_epoch: int = 2
+    groups: int = 1  # tensor groups tuned one after another (the tuning state of one group in memory at a time)
     seed: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "held_out", "evals_per_epoch"):
+        for name in ("epochs", "batch_size", "held_out", "evals_per_epoch", "groups"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise RecoverLoraError(f"--{name.replace('_', '-')}={value!r} must be a positive integer")
@@ -75,9 +80,19 @@ class KLTuneSettings:
 
 @dataclass
 class Snapshot:
-    step: int
+    step: int  # counted over the whole run, every group's steps
     held_out_kl: float
     train_kl: float  # mean KL of the training batches since the previous snapshot
+    group: int = 0
+
+
+@dataclass
+class GroupRecord:
+    tensors: list[str]  # GGUF names, in order
+    weights: int
+    held_out_kl_before: float  # the model's before this group tuned (earlier groups' results in it)
+    held_out_kl_after: float  # its best snapshot's, or before's when kept is False
+    kept: bool
 
 
 @dataclass
@@ -91,6 +106,7 @@ class KLTuneResult:
     kept: bool  # False: no snapshot beat the input on the held-out windows; the output is the input's bytes
     steps: int
     snapshots: list[Snapshot] = field(default_factory=list)
+    groups: list[GroupRecord] = field(default_factory=list)
     resumed_at: int = 0  # the step a checkpoint resumed from
     seconds: float = 0.0
 
@@ -115,6 +131,16 @@ def tunable_tensors(info) -> tuple[list, dict[str, str]]:
         full = hf_name(name, info.config)
         tensors.append(TensorToTune(name, ggml_type, full, full, tuple(shape)))
     return tensors, untouched
+
+
+def tensor_groups(tensors: list, groups: int) -> list[list]:
+    """`groups` runs of consecutive tensors of about equal weight counts (fewer where one tensor outweighs a share)."""
+    sizes = [math.prod(t.shape) for t in tensors]
+    total, chunks, done = sum(sizes), [[] for _ in range(groups)], 0
+    for tensor, size in zip(tensors, sizes):
+        chunks[min(groups - 1, done * groups // total)].append(tensor)  # the share its first weight falls in
+        done += size
+    return [chunk for chunk in chunks if chunk]
 
 
 def kl_to_teacher(teacher_log_probs, student_logits, counted):
@@ -149,6 +175,10 @@ class _Tuner:
             self.weights[t.name] = QuantizedWeight(blocks, target).to(device)
             self.row_orders[t.name] = hf_row_order(t, config)
         self.parameters = {t.name: t.parameter for t in tensors}
+
+    def tuned_bytes(self) -> dict:
+        """Every tensor's blocks as they would be written: uint8 [n_blocks, block bytes]."""
+        return {name: weight.to_blocks().to_bytes() for name, weight in self.weights.items()}
 
     def overrides(self) -> dict:
         values = {}
@@ -201,7 +231,26 @@ class _Tuner:
                     value.copy_(state[f"{name}/{key}"].to(value.device))
 
 
-def _save_state(work: Path, settings: dict, current: dict, best: dict | None, progress: dict) -> None:
+def hold_bytes(student, tensors: list, written: dict, config) -> None:
+    """Set the student's weights of these tensors to what their bytes dequantize to (a finished group's, kept fixed)."""
+    import numpy as np
+    import torch
+
+    from recover_lora.export.ggml_blocks import from_bytes
+    from recover_lora.recovery.reconstruct import hf_row_order
+
+    with torch.no_grad():
+        for t in tensors:
+            if t.name not in written:
+                continue
+            value = torch.from_numpy(from_bytes(np.asarray(written[t.name]), t.ggml_type).dequantize().reshape(t.shape))
+            order = hf_row_order(t, config)
+            parameter = student.get_parameter(t.parameter)
+            parameter.copy_((value if order is None else value[order]).to(parameter.device))
+
+
+def _save_state(work: Path, settings: dict, current: dict, best: dict | None, progress: dict, written: dict) -> None:
+    import torch
     from safetensors.torch import save_file
 
     from recover_lora.recovery.reconstruct_checkpoint import write_settings
@@ -209,11 +258,12 @@ def _save_state(work: Path, settings: dict, current: dict, best: dict | None, pr
     write_settings(work, settings)
     tensors = {f"current/{k}": v.contiguous() for k, v in current.items()}
     tensors.update({f"best/{k}": v.contiguous() for k, v in (best or {}).items()})
+    tensors.update({f"written/{k}": torch.from_numpy(v).contiguous() for k, v in written.items()})
     with atomic_output(work / STATE_FILE, force=True) as tmp:
         save_file(tensors, str(tmp), metadata={"progress": json.dumps(progress)})
 
 
-def _load_state(work: Path) -> tuple[dict, dict | None, dict] | None:
+def _load_state(work: Path) -> tuple[dict, dict | None, dict, dict] | None:
     from safetensors import safe_open
 
     path = work / STATE_FILE
@@ -224,9 +274,10 @@ def _load_state(work: Path) -> tuple[dict, dict | None, dict] | None:
             progress = json.loads(handle.metadata()["progress"])
             current = {k[len("current/"):]: handle.get_tensor(k) for k in handle.keys() if k.startswith("current/")}
             best = {k[len("best/"):]: handle.get_tensor(k) for k in handle.keys() if k.startswith("best/")}
+            written = {k[len("written/"):]: handle.get_tensor(k).numpy() for k in handle.keys() if k.startswith("written/")}
     except Exception as e:  # whatever safetensors raises for a damaged file
         raise RecoverLoraError(f"{path} cannot be read ({e}); delete it, or pass --force to start over") from None
-    return current, best or None, progress
+    return current, best or None, progress, written
 
 
 def kl_tune(
@@ -286,6 +337,9 @@ def kl_tune(
     steps = settings.epochs * steps_per_epoch
     eval_every = max(1, steps_per_epoch // settings.evals_per_epoch)
 
+    groups = tensor_groups(tensors, settings.groups)
+    total_steps = steps * len(groups)
+
     work = out_path.with_name(out_path.name + ".kltune")
     run_settings = run_identity(base_gguf, teacher, ids, counted, settings)
     check_work_folder(work, run_settings, force)
@@ -294,63 +348,85 @@ def kl_tune(
     teacher_model = load_matching_teacher(teacher, info, base_gguf.name, ids, tensors)
     student, _ = build_student(base_gguf)
     base_tensors = {t.name: t for t in read_gguf_header(base_gguf).tensors}
-    tuner = _Tuner(teacher_model, student, tensors, base_tensors, info.config, settings.device)
-    offsets = [w.offsets for w in tuner.weights.values()]
-    multipliers = [m for w in tuner.weights.values() for m in w.multipliers.values()]
-    for multiplier in multipliers:  # --tune codes: no gradient through the scales at all (a cheaper backward)
-        multiplier.requires_grad_(settings.tune == "both")
     generator = torch.Generator().manual_seed(settings.seed)
-    # The windows' order of every epoch, drawn up front: a resumed run continues the same sequence.
+    # The windows' order of every epoch, drawn up front (every group takes the same): a resumed run continues it.
     orders = [torch.randperm(train_ids.shape[0], generator=generator).tolist() for _ in range(settings.epochs)]
+    # written: the bytes of the finished groups' kept tensors; records: what each finished group did.
     if resumed is not None:
-        current, best, state = resumed
-        tuner.load_state(current)
-        step, before, best_kl = state["step"], state["held_out_kl_before"], state["best_kl"]
+        current, best, state, written = resumed
+        current = current or None  # saved between two groups: nothing of the next one has moved yet
+        first_group, step, before, best_kl = state["group"], state["step"], state["held_out_kl_before"], state["best_kl"]
         snapshots = [Snapshot(**s) for s in state["snapshots"]]
-        say(f"resumed at step {step}/{steps} from {work}")
+        records = [GroupRecord(**r) for r in state["groups"]]
+        hold_bytes(student, tensors, written, info.config)
+        say(f"resumed at step {step}/{steps} of group {first_group + 1}/{len(groups)} from {work}")
     else:
-        best, step, snapshots = None, 0, []
-        before = tuner.held_out_kl(held_ids, held_counted, batch)
-        best_kl = before
-        say(f"held-out KL of {base_gguf.name}: {before:.4f} ({int(held_counted.sum())} positions in {settings.held_out} windows)")
-    resumed_at, train_losses = step, []
-    while step < steps:
-        epoch, position = divmod(step, steps_per_epoch)
-        chosen = orders[epoch][position * batch : (position + 1) * batch]
-        loss = tuner.loss(train_ids[chosen], train_counted[chosen])
-        loss.backward()
-        train_losses.append(loss.item())
-        step_lr = settings.lr * (1 - step / steps)
-        signed_step(offsets, step_lr)
-        signed_step(multipliers, step_lr * settings.scale_lr_share)  # (no gradient, no step, with --tune codes)
-        for weight in tuner.weights.values():
-            weight.clamp_()
-        step += 1
-        if step % eval_every == 0 or step == steps:
-            held = tuner.held_out_kl(held_ids, held_counted, batch)
-            train_kl = sum(train_losses) / len(train_losses) if train_losses else float("nan")
-            snapshots.append(Snapshot(step, held, train_kl))
-            train_losses = []
-            if held < best_kl:
-                best_kl, best = held, tuner.state()
-            say(f"step {step}/{steps}: training KL {train_kl:.4f}, held-out KL {held:.4f} (input {before:.4f}, best {best_kl:.4f}), "
-                f"{time.perf_counter() - start:.0f} s")
-            _save_state(work, run_settings, tuner.state(), best,
-                        {"step": step, "held_out_kl_before": before, "best_kl": best_kl, "snapshots": [asdict(s) for s in snapshots]})
+        current, best, first_group, step, before, best_kl, snapshots, records, written = None, None, 0, 0, None, None, [], [], {}
+    resumed_at = first_group * steps + step
+    for index in range(first_group, len(groups)):
+        group = groups[index]
+        tuner = _Tuner(teacher_model, student, group, base_tensors, info.config, settings.device)
+        if before is None:  # the input file's own KL, before any step
+            before = best_kl = tuner.held_out_kl(held_ids, held_counted, batch)
+            say(f"held-out KL of {base_gguf.name}: {before:.4f} ({int(held_counted.sum())} positions in {settings.held_out} windows)")
+        group_before = state["group_before"] if current is not None else best_kl
+        if current is not None:
+            tuner.load_state(current)
+        elif len(groups) > 1:
+            say(f"group {index + 1}/{len(groups)}: {len(group)} tensors, {group[0].name} .. {group[-1].name}")
+        offsets = [w.offsets for w in tuner.weights.values()]
+        multipliers = [m for w in tuner.weights.values() for m in w.multipliers.values()]
+        for multiplier in multipliers:  # --tune codes: no gradient through the scales at all (a cheaper backward)
+            multiplier.requires_grad_(settings.tune == "both")
+        train_losses = []
+        while step < steps:
+            epoch, position = divmod(step, steps_per_epoch)
+            chosen = orders[epoch][position * batch : (position + 1) * batch]
+            loss = tuner.loss(train_ids[chosen], train_counted[chosen])
+            loss.backward()
+            train_losses.append(loss.item())
+            step_lr = settings.lr * (1 - step / steps)
+            signed_step(offsets, step_lr)
+            signed_step(multipliers, step_lr * settings.scale_lr_share)  # (no gradient, no step, with --tune codes)
+            for weight in tuner.weights.values():
+                weight.clamp_()
+            step += 1
+            if step % eval_every == 0 or step == steps:
+                held = tuner.held_out_kl(held_ids, held_counted, batch)
+                train_kl = sum(train_losses) / len(train_losses) if train_losses else float("nan")
+                snapshots.append(Snapshot(index * steps + step, held, train_kl, index))
+                train_losses = []
+                if held < best_kl:
+                    best_kl, best = held, tuner.state()
+                say(f"step {index * steps + step}/{total_steps}: training KL {train_kl:.4f}, held-out KL {held:.4f} "
+                    f"(input {before:.4f}, best {best_kl:.4f}), {time.perf_counter() - start:.0f} s")
+                _save_state(work, run_settings, tuner.state(), best,
+                            {"group": index, "step": step, "held_out_kl_before": before, "group_before": group_before,
+                             "best_kl": best_kl, "snapshots": [asdict(s) for s in snapshots],
+                             "groups": [asdict(r) for r in records]}, written)
+        if best is not None:  # the group's best snapshot is written, and held fixed while the next groups tune
+            tuner.load_state(best)
+            group_bytes = tuner.tuned_bytes()
+            written.update(group_bytes)
+            hold_bytes(student, group, group_bytes, info.config)
+        records.append(GroupRecord([t.name for t in group], sum(math.prod(t.shape) for t in group), group_before,
+                                   best_kl, best is not None))
+        del tuner
+        current, best, step = None, None, 0
+        if index + 1 < len(groups):
+            _save_state(work, run_settings, {}, None,
+                        {"group": index + 1, "step": 0, "held_out_kl_before": before, "group_before": best_kl, "best_kl": best_kl,
+                         "snapshots": [asdict(s) for s in snapshots], "groups": [asdict(r) for r in records]}, written)
 
-    kept = best is not None
-    replacements = {}
-    if kept:
-        tuner.load_state(best)
-        replacements = {name: weight.to_blocks().to_bytes() for name, weight in tuner.weights.items()}
-    del tuner, teacher_model, student
+    kept, replacements = bool(written), written
+    del teacher_model, student
     with atomic_output(out_path, force=force) as tmp:
         replace_tensor_bytes(base_gguf, tmp, replacements)
         check_types(tmp, info.tensor_types)
         llama_cpp_load_check(tmp, name=str(out_path))
     result = KLTuneResult(path=out_path, report_path=report_path, tensors={t.name: t.ggml_type.name for t in tensors},
-                          untouched=untouched, held_out_kl_before=before, held_out_kl_after=best_kl, kept=kept, steps=steps,
-                          snapshots=snapshots, resumed_at=resumed_at, seconds=round(time.perf_counter() - start, 1))
+                          untouched=untouched, held_out_kl_before=before, held_out_kl_after=best_kl, kept=kept, steps=total_steps,
+                          snapshots=snapshots, groups=records, resumed_at=resumed_at, seconds=round(time.perf_counter() - start, 1))
     with atomic_output(report_path, force=True) as tmp:
         tmp.write_text(json.dumps(report(result, base_gguf, settings), indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)

@@ -121,6 +121,46 @@ class Interrupted(Exception):
     pass
 
 
+def test_groups_tune_one_after_another_write_what_they_trained_and_resume_across_a_group(stories_q4_0, synth, tmp_path, monkeypatch):
+    """Three groups of consecutive tensors, each tuned with the others held at their bytes: together every tensor, the
+    written file's KL is the tuner's, and a run killed at the boundary of two groups or inside one resumes to its bytes."""
+    torch_threads()
+    settings = dataclasses.replace(SETTINGS, groups=3, epochs=1)
+    run = lambda out: kl_tune(stories_q4_0, out, teacher=STORIES_DIR, samples=synth, settings=settings)
+    result = run(tmp_path / "a.gguf")
+    assert len(result.groups) == 3 and [n for g in result.groups for n in g.tensors] == list(result.tensors)
+    assert all(g.weights > 0 for g in result.groups) and result.groups[0].held_out_kl_before == result.held_out_kl_before
+    for earlier, later in zip(result.groups, result.groups[1:]):  # each group starts from the model the one before left
+        assert later.held_out_kl_before == earlier.held_out_kl_after
+    assert result.held_out_kl_after == result.groups[-1].held_out_kl_after < result.held_out_kl_before
+    assert result.held_out_kl_after == pytest.approx(held_out_kl(result.path, synth, settings.held_out), rel=1e-4)
+    assert {s.group for s in result.snapshots} == {0, 1, 2} and result.steps == 3 * 3
+    old, new = tensors(stories_q4_0), tensors(result.path)
+    kept = {n for g in result.groups if g.kept for n in g.tensors}
+    for name, tensor in old.items():
+        assert (not np.array_equal(raw_bytes(new[name]), raw_bytes(tensor))) <= (name in kept), name
+    first = result.path.read_bytes()
+
+    real, saves = kl_tune_module._save_state, []
+    for stop_at in (4, 5):  # 3 steps per group, a save at each and one at the boundary: 4 is group 1's start, 5 inside it
+        out = tmp_path / f"b{stop_at}.gguf"
+
+        def stop(*args, **kwargs):
+            real(*args, **kwargs)
+            saves.append(1)
+            if len(saves) == stop_at:
+                raise Interrupted
+
+        saves.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(kl_tune_module, "_save_state", stop)
+            with pytest.raises(Interrupted):
+                run(out)
+        resumed = run(out)
+        assert resumed.resumed_at == 3 + (stop_at - 4) and out.read_bytes() == first
+        assert resumed.groups == result.groups
+
+
 def test_same_settings_same_bytes_and_an_interrupted_run_resumes_to_them(stories_q4_0, synth, tmp_path, monkeypatch):
     torch_threads()
     run = lambda out, **kw: kl_tune(stories_q4_0, out, teacher=STORIES_DIR, samples=synth, **{"settings": SETTINGS, **kw})

@@ -122,7 +122,7 @@ def test_refusal_names_step_need_and_setting():
     train = next(p for p in plan.problems if p.startswith("train "))
     assert "GiB of GPU memory for qwen3-4b" in train and "but 24.0 GiB is available (as given by --gpu-memory)" in train
     assert "--top-k" in train and "\n" not in train
-    with pytest.raises(RecoverLoraError, match=r"^synth|^imatrix|^search|^train|^recover|^heldout"):
+    with pytest.raises(RecoverLoraError, match=r"^synth|^imatrix|^search|^kltune|^train|^recover|^heldout"):
         plan.check()
     roomy = checked_plan(sizes, plan_settings("paper", {"top_k": 64, "loss_chunk": 1024, "gradient_checkpointing": True}),
                          Available(gpus=1, gpu_bytes=140 * GiB))
@@ -284,3 +284,39 @@ def test_kltune_is_planned_with_both_models_and_every_weights_tuning_state_or_sk
     assert step.host["student fp32"] == n_params(tiny.student) * 4 and step.host["teacher fp32"] == n_params(tiny.teacher) * 4
     skipped = plan_memory(tiny, replace(settings, kltune=False), Available()).steps[0]
     assert "weights being tuned" not in skipped.host and skipped.note == "skipped by the preset"
+    # In groups, one group's state at a time: a share of the weights and at most one more tensor (the largest).
+    grouped = plan_memory(tiny, replace(settings, kltune_groups=4), Available()).steps[0]
+    largest = max(tiny.student.vocab_size, tiny.student.intermediate_size) * tiny.student.hidden_size
+    assert grouped.host["weights being tuned"] == (n_params(tiny.student) // 4 + largest) * KLTUNE_BYTES_PER_WEIGHT
+    assert grouped.host["weights being tuned"] < step.host["weights being tuned"]
+    assert grouped.host["student fp32"] == step.host["student fp32"]  # both models stay whole
+
+
+def test_the_paper_preset_plans_kltune_for_a_4b_model_on_one_80_gb_gpu():
+    """In 8 groups and 2 windows a step, Qwen3-4B's KL tuning fits one 80 GiB GPU; all at once it would not."""
+    from recover_lora.devices.memory_sizes import model_sizes
+
+    sizes = model_sizes(load_model_shape("qwen3-4b"))
+    settings = plan_settings("paper", steps=("kltune",))
+    assert settings.kltune_groups == 8 and settings.kltune_batch_size == 2
+    step = plan_memory(sizes, settings, Available(gpus=1, gpu_bytes=80 * 2**30)).steps[0]
+    assert sum(step.gpu.values()) < 80 * 2**30
+    whole = plan_memory(sizes, replace(settings, kltune_groups=1), Available(gpus=1, gpu_bytes=80 * 2**30)).steps[0]
+    assert sum(whole.gpu.values()) > 80 * 2**30
+
+
+def test_a_step_that_does_not_fit_and_can_be_left_out_says_so_and_a_run_without_it_plans_it_skipped(tmp_path):
+    from recover_lora.pipeline import Pipeline, PipelineConfig
+
+    sizes = model_sizes(load_model_shape("llama-3.1-8b"))
+    available = Available(gpus=1, gpu_bytes=80 * GiB)
+    plan = checked_plan(sizes, plan_settings("paper", steps=("kltune",)), available)
+    assert len(plan.problems) == 1 and plan.problems[0].endswith("use a GPU with more memory, or leave the step out (pipeline --skip kltune)")
+    skipped = checked_plan(sizes, plan_settings("paper", steps=("kltune",), skip=("kltune",)), available)
+    assert skipped.fits and skipped.steps[0].note == "skipped by the preset"
+    # The pipeline's own check and its steps see the same preset: kltune off, AutoRound's files none.
+    config = PipelineConfig(out_dir=tmp_path / "run", preset="paper", skip=("kltune", "autoround"))
+    pipeline = Pipeline(config)
+    assert not pipeline.preset.kltune and pipeline.preset.autoround_baselines == () and pipeline.preset.kltune_groups == 8
+    with pytest.raises(RecoverLoraError, match=r"^--skip 'train': only autoround, kltune can be left out"):
+        PipelineConfig(out_dir=tmp_path / "run", skip=("train",))
