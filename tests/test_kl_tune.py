@@ -160,6 +160,14 @@ def test_groups_tune_one_after_another_write_what_they_trained_and_resume_across
         assert resumed.resumed_at == 3 + (stop_at - 4) and out.read_bytes() == first
         assert resumed.groups == result.groups
 
+    # The pipeline report says how the tensors were tuned, from the step's JSON.
+    from recover_lora.report import kltune_section
+
+    rows = {"reconstructed": {"kl_to_teacher": 0.05}, "kl-tuned": {"kl_to_teacher": 0.04}}
+    text = "\n".join(kltune_section(json.loads(result.report_path.read_text()), rows))
+    kept_groups = sum(g.kept for g in result.groups)
+    assert f"in 3 groups, one after another; {kept_groups} of them beat the model before them" in text
+
 
 def test_same_settings_same_bytes_and_an_interrupted_run_resumes_to_them(stories_q4_0, synth, tmp_path, monkeypatch):
     torch_threads()
