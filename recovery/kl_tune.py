@@ -363,6 +363,13 @@ def kl_tune(
     else:
         current, best, first_group, step, before, best_kl, snapshots, records, written = None, None, 0, 0, None, None, [], [], {}
     resumed_at = first_group * steps + step
+
+    def checkpoint(group: int, group_step: int, group_before: float, current: dict, best: dict | None) -> None:
+        _save_state(work, run_settings, current, best,
+                    {"group": group, "step": group_step, "held_out_kl_before": before, "group_before": group_before,
+                     "best_kl": best_kl, "snapshots": [asdict(s) for s in snapshots], "groups": [asdict(r) for r in records]},
+                    written)
+
     for index in range(first_group, len(groups)):
         group = groups[index]
         tuner = _Tuner(teacher_model, student, group, base_tensors, info.config, settings.device)
@@ -400,10 +407,7 @@ def kl_tune(
                     best_kl, best = held, tuner.state()
                 say(f"step {index * steps + step}/{total_steps}: training KL {train_kl:.4f}, held-out KL {held:.4f} "
                     f"(input {before:.4f}, best {best_kl:.4f}), {time.perf_counter() - start:.0f} s")
-                _save_state(work, run_settings, tuner.state(), best,
-                            {"group": index, "step": step, "held_out_kl_before": before, "group_before": group_before,
-                             "best_kl": best_kl, "snapshots": [asdict(s) for s in snapshots],
-                             "groups": [asdict(r) for r in records]}, written)
+                checkpoint(index, step, group_before, tuner.state(), best)
         if best is not None:  # the group's best snapshot is written, and held fixed while the next groups tune
             tuner.load_state(best)
             group_bytes = tuner.tuned_bytes()
@@ -413,10 +417,8 @@ def kl_tune(
                                    best_kl, best is not None))
         del tuner
         current, best, step = None, None, 0
-        if index + 1 < len(groups):
-            _save_state(work, run_settings, {}, None,
-                        {"group": index + 1, "step": 0, "held_out_kl_before": before, "group_before": best_kl, "best_kl": best_kl,
-                         "snapshots": [asdict(s) for s in snapshots], "groups": [asdict(r) for r in records]}, written)
+        if index + 1 < len(groups):  # between two groups: the next one starts from the model this one left
+            checkpoint(index + 1, 0, best_kl, {}, None)
 
     kept, replacements = bool(written), written
     del teacher_model, student
