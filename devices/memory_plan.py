@@ -470,7 +470,9 @@ def reconstruct_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[d
     """recovery.reconstruct: teacher and student in fp32 on the host (one block of each on a GPU at a time), every window's block input,
     target and output cached on the host (fp32: the teacher's and the student's inputs, the targets, the outputs and the
     tuned outputs), and one block's weights being tuned (the teacher's copy, the offsets, their gradient and the best
-    snapshot) with one batch's activations; then the file is rewritten (a copy of the base) beside a per-block checkpoint."""
+    snapshot) with one batch's activations, or, at the end, the output head being tuned with both models' heads and a
+    step's logits (whichever phase is larger); then the file is rewritten (a copy of the base) beside a per-block checkpoint."""
+    from recover_lora.recovery.output_head import HEAD_STEP_LOGITS
     from recover_lora.recovery.reconstruct import DEFAULT_BATCH_SIZE
 
     on_gpu = gpus > 0
@@ -485,8 +487,15 @@ def reconstruct_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[d
     per_token = 8 * c.hidden_size + 4 * c.intermediate_size + 2 * c.num_heads * s.synth_seq_len  # incl. attention scores
     # The models stay on the host; a GPU holds one block of each, the weights being tuned and a batch's activations.
     gpu = {"CUDA context": CUDA_CONTEXT_BYTES, "teacher and student block fp32": 2 * block_weights * 4} if on_gpu else {}
+    head_host, head_gpu = dict(host), {"CUDA context": CUDA_CONTEXT_BYTES} if on_gpu else {}
     _place(host, gpu, on_gpu, block_being_tuned=5 * block_weights * 4,
            batch_activations=DEFAULT_BATCH_SIZE * s.synth_seq_len * per_token * 4 * 3)
+    # Then the output head (recovery/output_head.py), tuned as kl-tune tunes a tensor, on a step's logits of both sides.
+    head = sizes.student.vocab_size * sizes.student.hidden_size
+    _place(head_host, head_gpu, on_gpu, output_head_being_tuned=head * KLTUNE_BYTES_PER_WEIGHT, teacher_and_student_head_fp32=2 * head * 4,
+           head_step_logits=HEAD_STEP_LOGITS * 4 * KLTUNE_LOGIT_FP32_COPIES)
+    total = lambda parts: sum(parts[0].values()) + sum(parts[1].values())
+    host, gpu = max((host, gpu), (head_host, head_gpu), key=total)
     written = file_bytes(sizes.policy_tensors["w4"])
     return host, gpu, written, written, "a checkpoint of the finished blocks beside the output"
 

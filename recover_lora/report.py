@@ -180,8 +180,19 @@ def reconstruct_section(reconstruct: dict, heldout_rows: dict) -> list[str]:
         f"- Block output error (MSE to the teacher's block on the calibration windows) ×{reconstruct['error_ratio']:.3f} of "
         f"llama.cpp's rounding, summed over blocks"
         + (f"; blocks {reverted} were no better and kept llama.cpp's rounding" if reverted else "") + ".",
+        *head_lines(reconstruct.get("head")),
         f"- Held-out KL to the teacher: searched {before:.4f} → reconstructed **{after:.4f}** ({change}).",
     ]
+
+
+def head_lines(head: dict | None) -> list[str]:
+    """The output head's stage of reconstruct (recovery/output_head.py), if it ran."""
+    if head is None:
+        return []
+    what = "the tied token embedding" if head["tied"] else "the output matrix"
+    verdict = ("kept" if head["kept"] else "no better, so it kept llama.cpp's rounding")
+    return [f"- Output head ({what}, `{head['tensor']}`, {head['ggml_type']}) tuned on the next-token KL: "
+            f"{head['kl_before']:.4f} → {head['tuned_kl']:.4f} on {head['held_out_windows']} held-out calibration windows, {verdict}."]
 
 
 def kltune_section(kltune: dict, heldout_rows: dict) -> list[str]:

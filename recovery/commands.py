@@ -290,6 +290,8 @@ def reconstruct_command(
                                help="local: the teacher's block on the student's own input; chain: on the teacher's (AutoRound)"),
     weighting: str = typer.Option(reconstruct_defaults.ReconstructSettings.weighting, "--weighting",
                                   help="mse: every output alike; fisher: by the teacher's Fisher diagonal of each block output (BRECQ)"),
+    head: bool = typer.Option(reconstruct_defaults.ReconstructSettings.head, "--head/--no-head",
+                              help="Then tune the output head (lm_head, or the tied token embedding) on the next-token KL"),
     batch_size: int = typer.Option(reconstruct_defaults.DEFAULT_BATCH_SIZE, "--batch-size", help="Windows per step"),
     seed: int = typer.Option(0, "--seed", help="Seed of the windows' order"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | mps"),
@@ -304,7 +306,7 @@ def reconstruct_command(
     from recover_lora.recovery.reconstruct import ReconstructSettings, reconstruct
 
     settings = ReconstructSettings(iters=iters, lr=lr, tune=tune, scale_lr_share=scale_lr_share, target=target, weighting=weighting,
-                                   batch_size=batch_size, seed=seed, device=device)  # checked before any work
+                                   head=head, batch_size=batch_size, seed=seed, device=device)  # checked before any work
     if threads is not None:
         import torch
 
@@ -317,6 +319,10 @@ def reconstruct_command(
 
     result = reconstruct(base, out, teacher=teacher, samples=samples, text=text, max_samples=max_samples, seq_len=seq_len,
                          settings=settings, report_path=json_out, force=force, on_block=progress)
+    if result.head is not None:
+        h = result.head
+        typer.echo(f"output head {h.tensor} ({h.ggml_type}): held-out KL {h.kl_before:.4g} -> {h.tuned_kl:.4g} on {h.held_out_windows} "
+                   f"windows, {'kept' if h.kept else 'reverted (no better)'}, {h.seconds:.0f} s")
     kept = sum(r.kept for r in result.blocks)
     typer.echo(f"wrote {result.path}: {len(result.rewritten)} tensors rewritten in {kept} of {len(result.blocks)} blocks "
                f"({result.resumed_blocks} from the checkpoint), {len(result.untouched)} left as they are (no block format); "

@@ -21,8 +21,10 @@ For block i, on the calibration windows:
   with exactly those weights: unless it is lower than the input GGUF's own weights give on the same
   inputs, the block keeps its original bytes (recorded as reverted);
 - the student's input to block i + 1 is block i's output with the weights written.
+Then (--head, the default) the output head, lm_head or the tied token embedding, learns the same way on the
+next-token KL from the student's final hidden states (recovery/output_head.py), judged on held-out windows.
 Block linears of a type with no block format (F16, the IQ2/IQ3 grid types) are left as they are and
-listed in the report; the embedding, the output head and every 1-D tensor are never touched.
+listed in the report; an untied token embedding and every 1-D tensor are never touched.
 
 What it buys on the default model (README "Block-wise reconstruction"): little, because the block linears are not
 where its error is. Of the searched file's KL to the teacher on synthetic text (0.096), 0.086 comes from the tied
@@ -52,6 +54,7 @@ import gguf
 
 from recover_lora.errors import RecoverLoraError
 from recover_lora.fileio import atomic_output, check_output
+from recover_lora.recovery.output_head import HeadRecord
 
 if TYPE_CHECKING:
     import torch
@@ -86,6 +89,8 @@ class ReconstructSettings:
     # "mse": every hidden unit and counted token alike; "fisher": each output element weighted by the teacher's Fisher
     # diagonal of that block output (decoder_blocks.block_output_fisher, BRECQ's weighting).
     weighting: str = "mse"
+    # Then the output head (lm_head, or the tied token embedding) on the next-token KL (recovery/output_head.py).
+    head: bool = True
     batch_size: int = DEFAULT_BATCH_SIZE
     seed: int = 0
     device: str = "cpu"
@@ -124,12 +129,14 @@ class ReconstructResult:
     path: Path
     report_path: Path
     blocks: list[BlockRecord] = field(default_factory=list)
-    untouched: dict[str, str] = field(default_factory=dict)  # block linears of types with no block format
+    untouched: dict[str, str] = field(default_factory=dict)  # block linears (and the head) of types with no block format
     resumed_blocks: int = 0  # blocks taken from the checkpoint
+    head: HeadRecord | None = None  # the output head's stage (None: not run)
 
     @property
     def rewritten(self) -> list[str]:
-        return sorted(name for record in self.blocks if record.kept for name in record.tensors)
+        head = [self.head.tensor] if self.head is not None and self.head.kept else []
+        return sorted([name for record in self.blocks if record.kept for name in record.tensors] + head)
 
 
 @dataclass
@@ -370,6 +377,45 @@ def reconstruct_block(index: int, layer, kwargs: dict, tensors: list[TensorToTun
     return record, new_bytes, outputs
 
 
+def reconstruct_head(teacher, student, info, base_tensors: dict, ids, counted, last_outputs, teacher_last_outputs,
+                     teacher_kwargs: list, student_kwargs: list, settings: ReconstructSettings,
+                     untouched: dict) -> tuple[HeadRecord | None, dict]:
+    """The output head's stage (recovery/output_head.py), after every block: (its record, {name: new bytes}).
+
+    `last_outputs`: the student's last block outputs (the blocks as written); `teacher_last_outputs`: the teacher's own,
+    when the chain target computed them (else the teacher runs once more, streamed). No record when the head's type has
+    no block format (it joins `untouched`) or a single window leaves none to judge on."""
+    from recover_lora.export.ggml_blocks import BLOCK_TYPES
+    from recover_lora.export.model import hf_name
+    from recover_lora.recovery.output_head import (final_hidden, head_kl, head_tensor_name, held_out_count, streamed_final_hidden,
+                                                   tune_output_head)
+
+    name = head_tensor_name(info)
+    ggml_type, held = info.tensor_types[name], held_out_count(ids.shape[0])
+    if ggml_type not in BLOCK_TYPES:
+        untouched[name] = ggml_type.name
+        return None, {}
+    if held == 0:
+        return None, {}
+    head = TensorToTune(name, ggml_type, hf_name(name, info.config), hf_name(name, info.config), info.tensor_shapes[name])
+    device = settings.device
+    student_hidden = final_hidden(student, last_outputs, counted, device)
+    teacher_hidden = (streamed_final_hidden(teacher, ids, counted, teacher_kwargs, device) if teacher_last_outputs is None
+                      else final_hidden(teacher, teacher_last_outputs, counted, device))
+    split = int(counted[:-held].to(bool).sum())
+    check = None
+    if name == "token_embd.weight":  # tied: every block reads the new rows too, so the whole student judges
+
+        def check(raw) -> float:
+            value = written_weight(raw, head, info.config)
+            _set_weights(student, {head.hf_name: value})
+            hidden = streamed_final_hidden(student, ids[-held:], counted[-held:], student_kwargs, device)
+            return head_kl(teacher, student, teacher_hidden[split:], hidden, value, device)
+
+    return tune_output_head(teacher, student, head, base_tensors[name].data, info.config, teacher_hidden, student_hidden,
+                            split, held, settings, check)
+
+
 def reconstruct(
     base_gguf: str | Path,
     out_path: str | Path,
@@ -458,6 +504,10 @@ def reconstruct(
         layer.to("cpu")
         student_inputs = outputs
         teacher_inputs = None if teacher_inputs is None else targets
+    if settings.head:
+        result.head, head_bytes = reconstruct_head(teacher_model, student, info, base_tensors, ids, counted, student_inputs,
+                                                   teacher_inputs, teacher_kwargs, student_kwargs, settings, result.untouched)
+        replacements.update(head_bytes)
     del teacher_model, student, teacher_inputs, student_inputs
 
     with atomic_output(out_path, force=force) as tmp:
@@ -488,6 +538,7 @@ def report(result: ReconstructResult, base_gguf: Path, settings: ReconstructSett
         "error_ratio": sum(r.error_after for r in result.blocks) / before if before else 1.0,
         "tensor_types": {name: {"tuned": types[name], "rewritten": kept[name]} for name in sorted(types)},
         "untouched": result.untouched,
+        "head": None if result.head is None else asdict(result.head),
         "resumed_blocks": result.resumed_blocks,
-        "seconds": round(sum(r.seconds for r in result.blocks), 1),
+        "seconds": round(sum(r.seconds for r in result.blocks) + (result.head.seconds if result.head else 0.0), 1),
     }

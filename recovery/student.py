@@ -128,8 +128,9 @@ def decoder_hidden_states(model, input_ids):
     return causal_lm(model).get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
-def output_logits(model, hidden):
-    """Logits from last hidden states: lm_head and what *ForCausalLM.forward does after it.
+def output_logits(model, hidden, weight=None):
+    """Logits from last hidden states: lm_head (its weight replaced by `weight` when given) and what
+    *ForCausalLM.forward does after it.
 
     Of the architectures in export/archs only Gemma 3 does more: final logit soft-capping, the same
     three operations in the same order as transformers' Gemma3ForCausalLM.forward (tests check every
@@ -138,7 +139,8 @@ def output_logits(model, hidden):
     import torch
 
     lm = causal_lm(model)
-    logits = lm.get_output_embeddings()(hidden)
+    head = lm.get_output_embeddings()
+    logits = head(hidden) if weight is None else torch.func.functional_call(head, {"weight": weight}, (hidden,))
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     if softcap is not None:
         logits = logits / softcap

@@ -101,6 +101,8 @@ def test_report_has_the_tables_read_from_the_step_outputs(finished_run):
     # The reconstructed file has the searched file's types and bytes, and the report gives its held-out KL beside.
     assert (finished_run / "reconstructed.gguf").stat().st_size == (finished_run / "searched.gguf").stat().st_size
     assert f"reconstructed **{heldout['rows']['reconstructed']['kl_to_teacher']:.4f}**" in text
+    head = json.loads((finished_run / "reconstruct.json").read_text())["head"]  # its last stage, the output head
+    assert head is not None and f"{head['kl_before']:.4f} → {head['tuned_kl']:.4f} on 1 held-out" in text
     # So does the kl-tuned file, tuned on top of the reconstructed one.
     assert (finished_run / "kl-tuned.gguf").stat().st_size == (finished_run / "searched.gguf").stat().st_size
     assert f"kl-tuned **{heldout['rows']['kl-tuned']['kl_to_teacher']:.4f}**" in text

@@ -55,11 +55,12 @@ def models(tmp_path_factory) -> dict[str, Path]:
             "qwen2": make_tiny_hf_model(folder / "qwen2", "qwen2", seed=1)}
 
 
-def export_unpadded(source: Path, ggml_type, out: Path) -> Path:
+def export_unpadded(source: Path, ggml_type, out: Path, head_rule: TensorTypeRule | None = None) -> Path:
     """Every block linear at `ggml_type`, the model's own widths; stories' ffn_down (172 inputs) stays F16."""
     from recover_lora.export.quantize import export_model
 
     rules = [TensorTypeRule(r"blk\.\d+\.ffn_down\.weight", T.F16)] if source == STORIES_DIR else []
+    rules += [head_rule] if head_rule else []
     rules += [TensorTypeRule(r"blk\..*\.weight", ggml_type), TensorTypeRule(r"token_embd\.weight", T.Q8_0)]
     return export_model(source, out, Policy.named("w4", rules=rules), pad="none", threads=2).path
 
@@ -132,7 +133,9 @@ def test_reconstructed_gguf_is_exact_runs_in_llama_cpp_and_lowers_every_block_er
     torch_threads()
     source = models[model]
     base = export_unpadded(source, ggml_type, tmp_path / "base.gguf")
-    result = reconstruct(base, tmp_path / "rec.gguf", teacher=source, samples=synth, settings=SETTINGS)
+    # The blocks alone: a tied head's new rows would change every block's input after its error was recorded (the head's
+    # stage has its own test below).
+    result = reconstruct(base, tmp_path / "rec.gguf", teacher=source, samples=synth, settings=dataclasses.replace(SETTINGS, head=False))
 
     # Same tensors, types, byte counts and header; only the block linears of the block type changed.
     old, new = tensors(base), tensors(result.path)
@@ -171,6 +174,49 @@ def test_reconstructed_gguf_is_exact_runs_in_llama_cpp_and_lowers_every_block_er
     report = json.loads(result.report_path.read_text())
     assert report["tensor_types"] == {ggml_type.name: {"tuned": len(linears), "rewritten": len(result.rewritten)}}
     assert report["error_ratio"] < 1 and not (tmp_path / "rec.gguf.reconstruct").exists()
+
+
+def calibration_kl(path: Path, source: Path, synth: Path, last: int) -> float:
+    """The whole model's KL(teacher || file) per counted position of the last `last` calibration windows, from the files."""
+    ids, counted = reconstruct_module.counted_windows(source, synth, None, reconstruct_module.DEFAULT_SAMPLES, None)
+    ids, counted = ids[-last:], counted[-last:].to(torch.bool)
+    with torch.no_grad():
+        p = torch.log_softmax(build_teacher(source)[0](input_ids=ids).logits.float(), -1)[counted]
+        q = torch.log_softmax(build_student(path)[0](input_ids=ids).logits.float(), -1)[counted]
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+# The output head's stage: the tied token embedding of stories260K and the untied output matrix of a Qwen2, both at 4 bits.
+HEAD_CASES = [("stories", T.Q4_0, TensorTypeRule(r"token_embd\.weight", T.Q4_0)),
+              ("qwen2", T.Q4_K, TensorTypeRule(r"output\.weight", T.Q4_K))]
+
+
+@pytest.mark.parametrize("model,ggml_type,head_rule", HEAD_CASES, ids=[c[0] for c in HEAD_CASES])
+def test_the_output_head_learns_the_next_token_kl_and_its_record_is_the_written_files_own(model, ggml_type, head_rule, models,
+                                                                                           synth, tmp_path):
+    """Same blocks with and without the head's stage; only the head's bytes differ, and the recorded held-out KLs are the
+    two files' own (recomputed here through whole forward passes of the files); llama.cpp computes the written head."""
+    torch_threads()
+    source = models[model]
+    base = export_unpadded(source, ggml_type, tmp_path / "base.gguf", head_rule)
+    blocks_only = reconstruct(base, tmp_path / "blocks.gguf", teacher=source, samples=synth,
+                              settings=dataclasses.replace(SETTINGS, head=False))
+    result = reconstruct(base, tmp_path / "head.gguf", teacher=source, samples=synth, settings=SETTINGS)
+    head = result.head
+    assert blocks_only.head is None and head is not None
+    assert (head.tensor, head.ggml_type, head.tied) == (head_rule.pattern.replace("\\", ""), head_rule.ggml_type.name, model == "stories")
+    assert head.held_out_windows == 2  # 1 in 8 of the 16 windows
+    assert head.kept and head.kl_after < head.kl_before, head
+    assert head.kl_before == pytest.approx(calibration_kl(blocks_only.path, source, synth, 2), rel=1e-4)
+    assert head.kl_after == pytest.approx(calibration_kl(result.path, source, synth, 2), rel=1e-4)
+    old, new = tensors(blocks_only.path), tensors(result.path)
+    for name in old:
+        assert np.array_equal(raw_bytes(new[name]), raw_bytes(old[name])) == (name != head.tensor), name
+    assert json.loads(result.report_path.read_text())["head"]["kept"] is True
+    student, _ = build_student(result.path)
+    ids = sample_tokens(32, seed=6)
+    ours, theirs = torch_logits(student, ids), llama_cpp_logits(result.path, ids, f32_kv_cache=True)
+    assert np.abs(ours - theirs).max() / np.abs(ours).max() < 5e-2
 
 
 @pytest.fixture(scope="module")
