@@ -487,7 +487,13 @@ def reconstruct_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[d
     per_token = 8 * c.hidden_size + 4 * c.intermediate_size + 2 * c.num_heads * s.synth_seq_len  # incl. attention scores
     # The models stay on the host; a GPU holds one block of each, the weights being tuned and a batch's activations.
     gpu = {"CUDA context": CUDA_CONTEXT_BYTES, "teacher and student block fp32": 2 * block_weights * 4} if on_gpu else {}
-    head_host, head_gpu = dict(host), {"CUDA context": CUDA_CONTEXT_BYTES} if on_gpu else {}
+    # The head's phase: the teacher keeps its embedding and head, the student too unless the head is tied (its verdict
+    # runs every block), so their blocks are freed before the head's state is built.
+    head_host = {k: v for k, v in host.items() if k not in models}
+    head_host["teacher embedding and head fp32"] = embedding_params(c) * 4
+    head_host["student fp32" if c.tie_word_embeddings else "student embedding and head fp32"] = (
+        models["student fp32"] if c.tie_word_embeddings else embedding_params(sizes.student) * 4)
+    head_gpu = {"CUDA context": CUDA_CONTEXT_BYTES} if on_gpu else {}
     _place(host, gpu, on_gpu, block_being_tuned=5 * block_weights * 4,
            batch_activations=DEFAULT_BATCH_SIZE * s.synth_seq_len * per_token * 4 * 3)
     # Then the output head (recovery/output_head.py), tuned as kl-tune tunes a tensor, on a step's logits of both sides.

@@ -377,6 +377,18 @@ def reconstruct_block(index: int, layer, kwargs: dict, tensors: list[TensorToTun
     return record, new_bytes, outputs
 
 
+def drop_blocks(model) -> None:
+    """Free a model's decoder blocks (reconstruct's own copy, past the last use of them)."""
+    import gc
+
+    import torch
+
+    from recover_lora.recovery.student import causal_lm
+
+    causal_lm(model).get_decoder().layers = torch.nn.ModuleList()
+    gc.collect()
+
+
 def reconstruct_head(teacher, student, info, base_tensors: dict, ids, counted, last_outputs, teacher_last_outputs,
                      teacher_kwargs: list, student_kwargs: list, settings: ReconstructSettings,
                      untouched: dict) -> tuple[HeadRecord | None, dict]:
@@ -398,13 +410,17 @@ def reconstruct_head(teacher, student, info, base_tensors: dict, ids, counted, l
     if held == 0:
         return None, {}
     head = TensorToTune(name, ggml_type, hf_name(name, info.config), hf_name(name, info.config), info.tensor_shapes[name])
-    device = settings.device
+    device, tied = settings.device, name == "token_embd.weight"
     student_hidden = final_hidden(student, last_outputs, counted, device)
     teacher_hidden = (streamed_final_hidden(teacher, ids, counted, teacher_kwargs, device) if teacher_last_outputs is None
                       else final_hidden(teacher, teacher_last_outputs, counted, device))
+    # From here the teacher is its head; so is the student unless the head is tied (its check runs every block): their
+    # blocks go, so the head's tuning state fits where both models did (a 1.5B model on 24 GiB).
+    for model in (teacher,) if tied else (teacher, student):
+        drop_blocks(model)
     split = int(counted[:-held].to(bool).sum())
     check = None
-    if name == "token_embd.weight":  # tied: every block reads the new rows too, so the whole student judges
+    if tied:  # every block reads the new rows too, so the whole student judges
 
         def check(raw) -> float:
             value = written_weight(raw, head, info.config)
