@@ -84,15 +84,15 @@ recover-recipes: $(STAMP)
 # What a user would run instead, side by side with ours and the type search's file (README "Baselines and the
 # type search"): on the default model, llama.cpp's stock presets (the model's own widths, llama.cpp's mix), our
 # padded w4 and gateup, AutoRound's GGUF files (calibrated on the same 128 windows), and `recover-lora search` under
-# stock IQ4_XS's bytes and its decode rate (and 0.95 of it), the second searched file then tuned at the same bytes
+# stock IQ4_XS's bytes and its decode rate (and 0.95 of it), each searched file then tuned at the same bytes
 # (`reconstruct`, then `kl-tune`), and our reconstruction of AutoRound's untuned q3_k_m file beside AutoRound's own
 # tuning of it (same types, same calibration windows); all with one importance matrix from 128 x 128 tokens of the
 # teacher's own text (make demo's first 128 samples). Held-out KL on the README's windows, decode interleaved
-# (2 threads, 64 tokens, median of 5, extra buffer types as the self-test decides). About 115 minutes on 2 cores (AutoRound's tuned file ~25
-# of them, our two reconstructions ~17 each, kl-tune ~9); a rerun keeps the synthetic text. Table in $(BASELINES)/table.md.
+# (2 threads, 64 tokens, median of 5, extra buffer types as the self-test decides). About 2.5 hours on 2 cores (AutoRound's tuned file ~25
+# minutes of them, our three reconstructions ~20 each, the two kl-tunes ~9 each); a rerun keeps the synthetic text. Table in $(BASELINES)/table.md.
 BASELINES ?= $(OUT)/baselines
 STOCK     := Q4_K_M Q3_K_M IQ4_XS IQ4_NL IQ3_M IQ3_XXS Q2_K
-OURS      := w4 gateup searched searched-95 reconstructed-95 kl-tuned-95 autoround-q3_k_m-iters0-reconstructed
+OURS      := w4 gateup searched reconstructed kl-tuned searched-95 reconstructed-95 kl-tuned-95 autoround-q3_k_m-iters0-reconstructed
 # AutoRound's own GGUF files, autoround-<scheme>-iters<N>: its optimized RTN (iters 0) and its default tuning (200).
 AUTOROUND := autoround-q4_k_m-iters0 autoround-q3_k_m-iters0 autoround-q2_k_s-iters0 autoround-q3_k_m-iters200
 baselines: $(STAMP)
@@ -104,6 +104,8 @@ baselines: $(STAMP)
 	for f in $(AUTOROUND); do s=$${f#autoround-}; $(RL) autoround --scheme $${s%-iters*} --iters $${s##*-iters} --samples $(BASELINES)/synth --max-samples 128 -o $(BASELINES)/$$f.gguf --force || exit 1; done
 	$(RL) search -o $(BASELINES)/searched.gguf --imatrix $(BASELINES)/imatrix.gguf --samples $(BASELINES)/synth --reference $(BASELINES)/IQ4_XS.gguf --json $(BASELINES)/search.json --force
 	$(RL) search -o $(BASELINES)/searched-95.gguf --imatrix $(BASELINES)/imatrix.gguf --samples $(BASELINES)/synth --reference $(BASELINES)/IQ4_XS.gguf --min-decode 0.95 --json $(BASELINES)/search-95.json --force
+	$(RL) reconstruct $(BASELINES)/searched.gguf -o $(BASELINES)/reconstructed.gguf --samples $(BASELINES)/synth --json $(BASELINES)/reconstruct.json --force
+	$(RL) kl-tune $(BASELINES)/reconstructed.gguf -o $(BASELINES)/kl-tuned.gguf --samples $(BASELINES)/synth --json $(BASELINES)/kltune.json --force
 	$(RL) reconstruct $(BASELINES)/searched-95.gguf -o $(BASELINES)/reconstructed-95.gguf --samples $(BASELINES)/synth --json $(BASELINES)/reconstruct-95.json --force
 	$(RL) kl-tune $(BASELINES)/reconstructed-95.gguf -o $(BASELINES)/kl-tuned-95.gguf --samples $(BASELINES)/synth --json $(BASELINES)/kltune-95.json --force
 	$(RL) reconstruct $(BASELINES)/autoround-q3_k_m-iters0.gguf -o $(BASELINES)/autoround-q3_k_m-iters0-reconstructed.gguf --samples $(BASELINES)/synth --json $(BASELINES)/reconstruct-autoround.json --force
@@ -114,21 +116,24 @@ baselines: $(STAMP)
 
 # GateUp where its premise holds (README "A model whose widths fit"): Qwen2.5-Coder-1.5B-Instruct (hidden 1536,
 # FFN 8960, both multiples of 256; the named model, assembled from the registry's chunk wheels on first use), its
-# Q4_K_M file dequantized as the teacher. Our w4 and gateup against llama.cpp's presets on the model as it is, all with
-# one importance matrix from 64 x 128 tokens of the teacher's own text; held-out KL on the README's GSM8K windows
-# (2,048 tokens: a 1.5B teacher and student in torch on 2 cores); decode interleaved as in `make baselines`.
-# About 90 minutes on 2 cores. Table in $(ALIGNED)/table.md.
+# Q4_K_M file dequantized as the teacher. Our w4 and gateup, and the type search under stock Q3_K_S's bytes and bytes
+# read per token (`--decode bytes`: its decode is then measured in the bench with every other file; no padding to
+# choose, every width fits), against llama.cpp's presets on the model as it is, all with one importance matrix from
+# 64 x 128 tokens of the teacher's own text; held-out KL on the README's GSM8K windows (2,048 tokens: a 1.5B teacher
+# and student in torch on 2 cores); decode interleaved as in `make baselines`. About 2.5 hours on 2 cores.
+# Table in $(ALIGNED)/table.md.
 ALIGNED       ?= $(OUT)/aligned
 QWEN          := qwen2.5-coder-1.5b
 ALIGNED_STOCK := Q3_K_S Q3_K_M IQ3_M Q4_K_M IQ4_XS Q2_K
-ALIGNED_OURS  := w4 gateup
+ALIGNED_OURS  := w4 gateup searched
 ALIGNED_FILES := $(ALIGNED_OURS) $(ALIGNED_STOCK)
 aligned: $(STAMP)
 	mkdir -p $(ALIGNED)
 	test -f $(ALIGNED)/synth/samples.safetensors || $(RL) synth $(QWEN) -o $(ALIGNED)/synth --n-samples 64 --seq-len 128 --batch-size 64 --force
 	$(RL) imatrix $(QWEN) -o $(ALIGNED)/imatrix.gguf --samples $(ALIGNED)/synth --pad none --force
 	for p in $(ALIGNED_STOCK); do $(RL) export $(QWEN) --llama-preset $$p --imatrix $(ALIGNED)/imatrix.gguf -o $(ALIGNED)/$$p.gguf --force || exit 1; done
-	for p in $(ALIGNED_OURS); do $(RL) export $(QWEN) --policy $$p --pad none --imatrix $(ALIGNED)/imatrix.gguf -o $(ALIGNED)/$$p.gguf --force || exit 1; done
+	for p in w4 gateup; do $(RL) export $(QWEN) --policy $$p --pad none --imatrix $(ALIGNED)/imatrix.gguf -o $(ALIGNED)/$$p.gguf --force || exit 1; done
+	$(RL) search $(QWEN) -o $(ALIGNED)/searched.gguf --imatrix $(ALIGNED)/imatrix.gguf --samples $(ALIGNED)/synth --reference $(ALIGNED)/Q3_K_S.gguf --pad none --decode bytes --no-verify-decode --json $(ALIGNED)/search.json --force
 	for f in $(ALIGNED_FILES); do $(RL) heldout --base $(ALIGNED)/$$f.gguf --teacher $(QWEN) --max-tokens 2048 --batch-size 2 --json $(ALIGNED)/heldout-$$f.json || exit 1; done
 	rm -f $(ALIGNED)/bench.jsonl
 	$(RL) bench $(foreach f,$(ALIGNED_FILES),$(ALIGNED)/$(f).gguf) --compare -d 0 -r 5 --n-gen 64 -t 2 -o $(ALIGNED)/bench.jsonl

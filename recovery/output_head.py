@@ -24,11 +24,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from recover_lora.recovery.decoder_blocks import decoder_layers, layer_inputs, layer_outputs
 from recover_lora.recovery.student import causal_lm, output_logits
 
 if TYPE_CHECKING:
     import torch
+# torch (and decoder_blocks, which imports it) are imported inside the functions: reconstruct's CLI reads HeadRecord's
+# module without loading torch.
 
 HEAD_STEP_LOGITS = 2**25  # logits per step and per side (128 MiB in fp32): positions per step = this / vocabulary
 SNAPSHOTS = 4
@@ -73,6 +74,8 @@ def final_hidden(model, last_outputs, counted, device: str) -> torch.Tensor:
 
 def streamed_final_hidden(model, ids, counted, kwargs: list[dict], device: str) -> torch.Tensor:
     """final_hidden of a whole forward pass, one block on the device at a time (the model stays on the host)."""
+    from recover_lora.recovery.decoder_blocks import decoder_layers, layer_inputs, layer_outputs
+
     hidden = layer_inputs(model, ids)
     for layer, layer_kwargs in zip(decoder_layers(model), kwargs):
         layer.to(device)
