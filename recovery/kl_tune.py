@@ -157,22 +157,14 @@ class _Tuner:
     """The student with every tunable tensor replaced by a QuantizedWeight: `loss(ids, counted)` is differentiable."""
 
     def __init__(self, teacher, student, tensors, base_tensors, config, device: str):
-        import numpy as np
-        import torch
-
-        from recover_lora.export.ggml_blocks import from_bytes
-        from recover_lora.recovery.quantized_weight import QuantizedWeight
-        from recover_lora.recovery.reconstruct import hf_row_order
+        from recover_lora.recovery.reconstruct import hf_row_order, tuned_weight
 
         self.teacher, self.student, self.device = teacher.to(device), student.to(device), device
         for parameter in self.student.parameters():
             parameter.requires_grad_(False)
         self.weights, self.row_orders = {}, {}
         for t in tensors:
-            teacher_weight = teacher.get_parameter(t.hf_name).detach().float().cpu().numpy()
-            target = torch.from_numpy(np.ascontiguousarray(config.arch.to_gguf(t.hf_name, teacher_weight, config)))
-            blocks = from_bytes(np.asarray(base_tensors[t.name].data), t.ggml_type)
-            self.weights[t.name] = QuantizedWeight(blocks, target).to(device)
+            self.weights[t.name] = tuned_weight(teacher, t, base_tensors[t.name].data, config, device)
             self.row_orders[t.name] = hf_row_order(t, config)
         self.parameters = {t.name: t.parameter for t in tensors}
 

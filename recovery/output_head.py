@@ -114,14 +114,19 @@ def heads_on(device: str, *models):
             head.to("cpu")
 
 
-def head_kl(teacher, student, teacher_hidden, student_hidden, weight, device: str) -> float:
-    """Mean KL(teacher || student) over these positions, the student's head weight replaced by `weight` (no gradient)."""
+def _mean_kl(teacher, student, teacher_hidden, student_hidden, weight) -> float:
+    """Mean KL(teacher || student) over these positions, the heads already on `weight`'s device (no gradient)."""
     import torch
 
-    chunk = max(1, HEAD_STEP_LOGITS // weight.shape[0])
-    with torch.no_grad(), heads_on(device, teacher, student):
-        total = _position_kl_sum(teacher, student, teacher_hidden, student_hidden, weight.to(device), chunk)
+    with torch.no_grad():
+        total = _position_kl_sum(teacher, student, teacher_hidden, student_hidden, weight, max(1, HEAD_STEP_LOGITS // weight.shape[0]))
     return float(total) / max(teacher_hidden.shape[0], 1)
+
+
+def head_kl(teacher, student, teacher_hidden, student_hidden, weight, device: str) -> float:
+    """_mean_kl with the models' heads moved to `device` for it."""
+    with heads_on(device, teacher, student):
+        return _mean_kl(teacher, student, teacher_hidden, student_hidden, weight.to(device))
 
 
 def tune_output_head(teacher, student, tensor, base_raw, config, teacher_hidden, student_hidden, split: int,
@@ -129,55 +134,46 @@ def tune_output_head(teacher, student, tensor, base_raw, config, teacher_hidden,
     """SignRound on the head (reconstruct.TensorToTune `tensor`, its bytes `base_raw`) over cached final hidden states.
 
     `teacher_hidden` / `student_hidden`: [positions, hidden] of every calibration window, the first `split` positions
-    trained on, the rest (the last `held_out_windows` windows') held out. `held_out_check(raw_bytes) -> KL` (tied heads):
-    the whole student's KL on the held-out windows with these head bytes, which then decides whether the tuning is
-    kept; else the head's own held-out KL decides. Returns (the record, {GGUF name: new bytes}, empty when the input's
-    bytes stay).
+    trained on, the rest (the last `held_out_windows` windows') held out; `student_hidden` comes from the input's head
+    bytes, so the held-out KL with them is the whole student's before tuning, tied or not. `held_out_check(raw_bytes) ->
+    KL` (tied heads): the whole student's KL on the held-out windows with the tuned bytes, which then decides whether
+    the tuning is kept; else the head's own held-out KL decides. Returns (the record, {GGUF name: new bytes}, empty when
+    the input's bytes stay). Both models' heads sit on settings.device while it tunes.
     """
-    import numpy as np
     import torch
 
-    from recover_lora.export.ggml_blocks import from_bytes
-    from recover_lora.recovery.quantized_weight import QuantizedWeight, signed_step
-    from recover_lora.recovery.reconstruct import written_weight
+    from recover_lora.recovery.reconstruct import sign_round_step, tuned_weight, written_weight
 
     start, device = time.perf_counter(), settings.device
-    teacher_weight = teacher.get_parameter(tensor.hf_name).detach().float().cpu().numpy()
-    target = torch.from_numpy(np.ascontiguousarray(config.arch.to_gguf(tensor.hf_name, teacher_weight, config)))
-    weight = QuantizedWeight(from_bytes(np.asarray(base_raw), tensor.ggml_type), target).to(device)
+    weight = tuned_weight(teacher, tensor, base_raw, config, device)
     chunk = max(1, HEAD_STEP_LOGITS // tensor.shape[0])
     train_t, train_s = teacher_hidden[:split], student_hidden[:split]
     held_t, held_s = teacher_hidden[split:], student_hidden[split:]
-    before = head_kl(teacher, student, held_t, held_s, written_weight(base_raw, tensor, config), device)
-
     generator = torch.Generator().manual_seed((settings.seed << 16) + 0xFFFF)
-    offsets, multipliers = [weight.offsets], list(weight.multipliers.values())
     every = max(1, settings.iters // SNAPSHOTS)
     best_kl, best_state, order = float("inf"), None, torch.empty(0, dtype=torch.long)
-    for step in range(settings.iters):
-        if order.numel() < chunk:  # a new pass over the training positions, in a seeded random order
-            order = torch.cat([order, torch.randperm(split, generator=generator)])
-        chosen, order = order[:chunk], order[chunk:]
-        with heads_on(device, teacher, student):
+    with heads_on(device, teacher, student):
+        before = _mean_kl(teacher, student, held_t, held_s, written_weight(base_raw, tensor, config).to(device))
+        for step in range(settings.iters):
+            if order.numel() < chunk:  # a new pass over the training positions, in a seeded random order
+                order = torch.cat([order, torch.randperm(split, generator=generator)])
+            chosen, order = order[:chunk], order[chunk:]
             loss = _position_kl_sum(teacher, student, train_t[chosen], train_s[chosen], weight(), chunk) / chosen.numel()
             loss.backward()
-        lr = settings.learning_rate * (1 - step / settings.iters)  # as the blocks: linear decay
-        signed_step(offsets, lr if settings.tune != "scales" else 0.0)
-        signed_step(multipliers, {"codes": 0.0, "scales": lr, "both": lr * settings.scale_lr_share}[settings.tune])
-        weight.clamp_()
-        if (step + 1) % every == 0 or step + 1 == settings.iters:
-            with torch.no_grad():
-                kl = head_kl(teacher, student, held_t, held_s, weight(), device)
-            if kl < best_kl:
-                best_kl, best_state = kl, {name: value.detach().clone() for name, value in weight.named_parameters()}
-    with torch.no_grad():
-        for name, value in best_state.items():
-            weight.get_parameter(name).copy_(value)
-    new_raw = weight.to_blocks().to_bytes()
-    if held_out_check is not None:  # the lookup changes too: judge the whole student
-        before, tuned = held_out_check(np.asarray(base_raw)), held_out_check(new_raw)
-    else:
-        tuned = head_kl(teacher, student, held_t, held_s, written_weight(new_raw, tensor, config), device)
+            sign_round_step([weight], settings.learning_rate * (1 - step / settings.iters), settings)  # as the blocks'
+            if (step + 1) % every == 0 or step + 1 == settings.iters:
+                with torch.no_grad():
+                    kl = _mean_kl(teacher, student, held_t, held_s, weight())
+                if kl < best_kl:
+                    best_kl, best_state = kl, {name: value.detach().clone() for name, value in weight.named_parameters()}
+        with torch.no_grad():
+            for name, value in best_state.items():
+                weight.get_parameter(name).copy_(value)
+        new_raw = weight.to_blocks().to_bytes()
+        if held_out_check is None:
+            tuned = _mean_kl(teacher, student, held_t, held_s, written_weight(new_raw, tensor, config).to(device))
+    if held_out_check is not None:  # the lookup changes too: judge the whole student (it moves the heads itself)
+        tuned = held_out_check(new_raw)
     kept = tuned < before
     record = HeadRecord(tensor.name, tensor.ggml_type.name, held_out_check is not None, held_out_windows, before,
                         tuned if kept else before, tuned, kept, round(time.perf_counter() - start, 2))

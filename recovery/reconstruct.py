@@ -249,6 +249,30 @@ def hf_row_order(tensor: TensorToTune, config):
     return None if np.array_equal(order, np.arange(rows)) else torch.from_numpy(order.astype(np.int64))
 
 
+def tuned_weight(teacher, tensor: TensorToTune, raw, config, device: str):
+    """A QuantizedWeight of the GGUF bytes `raw`, its codes rounding from the teacher's weight of `tensor` (GGUF rows)."""
+    import numpy as np
+    import torch
+
+    from recover_lora.export.ggml_blocks import from_bytes
+    from recover_lora.recovery.quantized_weight import QuantizedWeight
+
+    teacher_weight = teacher.get_parameter(tensor.hf_name).detach().float().cpu().numpy()
+    target = torch.from_numpy(np.ascontiguousarray(config.arch.to_gguf(tensor.hf_name, teacher_weight, config)))
+    return QuantizedWeight(from_bytes(np.asarray(raw), tensor.ggml_type), target).to(device)
+
+
+def sign_round_step(weights, lr: float, settings: ReconstructSettings) -> None:
+    """One signed step of the QuantizedWeights' offsets and scale multipliers as --tune says, then back in range."""
+    from recover_lora.recovery.quantized_weight import signed_step
+
+    signed_step([w.offsets for w in weights], lr if settings.tune != "scales" else 0.0)
+    signed_step([m for w in weights for m in w.multipliers.values()],
+                {"codes": 0.0, "scales": lr, "both": lr * settings.scale_lr_share}[settings.tune])
+    for weight in weights:
+        weight.clamp_()
+
+
 def _block_weights(weights: dict, row_orders: dict) -> dict:
     """Layer parameter name -> the weight each QuantizedWeight computes, in Hugging Face row order."""
     values = {}
@@ -286,10 +310,7 @@ def tune_block(layer, kwargs: dict, weights: dict, row_orders: dict, inputs, tar
     import torch
 
     from recover_lora.recovery.decoder_blocks import output_error, run_layer
-    from recover_lora.recovery.quantized_weight import signed_step
 
-    offsets = [weight.offsets for weight in weights.values()]
-    multipliers = [m for weight in weights.values() for m in weight.multipliers.values()]
     n, batch, order = inputs.shape[0], min(settings.batch_size, inputs.shape[0]), []
     every = max(1, settings.iters // SNAPSHOTS)
     best_error, best_state, device = float("inf"), None, settings.device
@@ -299,11 +320,7 @@ def tune_block(layer, kwargs: dict, weights: dict, row_orders: dict, inputs, tar
         chosen, order = order[:batch], order[batch:]
         out = run_layer(layer, inputs[chosen].to(device), kwargs, _block_weights(weights, row_orders))
         output_error(out, targets[chosen].to(device), error_weights[chosen].to(device)).backward()
-        lr = settings.learning_rate * (1 - step / settings.iters)  # AutoRound's linear decay
-        signed_step(offsets, lr if settings.tune != "scales" else 0.0)
-        signed_step(multipliers, {"codes": 0.0, "scales": lr, "both": lr * settings.scale_lr_share}[settings.tune])
-        for weight in weights.values():
-            weight.clamp_()
+        sign_round_step(list(weights.values()), settings.learning_rate * (1 - step / settings.iters), settings)  # AutoRound's linear decay
         if (step + 1) % every == 0 or step + 1 == settings.iters:
             error = _whole_set_error(layer, kwargs, weights, row_orders, inputs, targets, error_weights, device)
             if error < best_error:
@@ -340,12 +357,9 @@ def reconstruct_block(index: int, layer, kwargs: dict, tensors: list[TensorToTun
 
     Returns (its record, GGUF name -> new bytes (none when reverted), the layer's outputs: the next block's inputs).
     """
-    import numpy as np
     import torch
 
-    from recover_lora.export.ggml_blocks import from_bytes
     from recover_lora.recovery.decoder_blocks import layer_outputs, output_error
-    from recover_lora.recovery.quantized_weight import QuantizedWeight
 
     start = time.perf_counter()
     device = settings.device
@@ -354,10 +368,7 @@ def reconstruct_block(index: int, layer, kwargs: dict, tensors: list[TensorToTun
     before = float(output_error(outputs, targets, error_weights))
     weights, row_orders = {}, {}
     for t in tensors:
-        teacher_weight = teacher.get_parameter(t.hf_name).detach().float().cpu().numpy()
-        target = torch.from_numpy(np.ascontiguousarray(config.arch.to_gguf(t.hf_name, teacher_weight, config)))
-        blocks = from_bytes(np.asarray(base_tensors[t.name].data), t.ggml_type)
-        weights[t.parameter] = QuantizedWeight(blocks, target).to(device)
+        weights[t.parameter] = tuned_weight(teacher, t, base_tensors[t.name].data, config, device)
         row_orders[t.parameter] = hf_row_order(t, config)
     generator = torch.Generator().manual_seed((settings.seed << 16) + index)
     tune_block(layer, kwargs, weights, row_orders, inputs, targets, error_weights, settings, generator)
