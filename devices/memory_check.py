@@ -80,13 +80,25 @@ def _whose(available: Available, resource: str) -> str:
     return f"this machine's; {flag} GB plans another" if resource in available.measured else f"as given by {flag}"
 
 
+def _fits_alone(plan: MemoryPlan, step: str, sizes: ModelSizes, settings: PlanSettings, gpus: int | None = None) -> bool:
+    """Whether `step` alone fits the plan's machine under other settings."""
+    available = replace(plan.available, gpus=gpus or plan.available.gpus)
+    again = plan_memory(sizes, replace(settings, steps=(step,)), available)
+    return refusal(again, again.steps[0], sizes, suggest=False) is None
+
+
 def remedies(plan: MemoryPlan, step: str, sizes: ModelSizes, resource: str) -> str:
     """The training settings that make `step` fit, as flags: each alone, else the first few together (in the
     order below), and the fewest GPUs that make it fit alone or with them."""
     if step not in ("train", "recover") or resource == "disk":
         from recover_lora.presets import SKIPPABLE_STEPS
 
-        return _OTHER_REMEDIES[resource] + (f", or leave the step out (pipeline --skip {step})" if step in SKIPPABLE_STEPS else "")
+        other = _OTHER_REMEDIES[resource]
+        if step == "reconstruct" and resource != "disk" and plan.settings.reconstruct_head and _fits_alone(
+                plan, step, sizes, replace(plan.settings, reconstruct_head=False)):
+            # The output head's phase is what does not fit (a large vocabulary): the blocks alone do.
+            other = f"leave the output head's stage out (recover-lora reconstruct --no-head), {other}"
+        return other + (f", or leave the step out (pipeline --skip {step})" if step in SKIPPABLE_STEPS else "")
     t: TrainPlan = getattr(plan.settings, step)
     on_gpu = plan.available.gpus > 0
     candidates = []
@@ -104,10 +116,7 @@ def remedies(plan: MemoryPlan, step: str, sizes: ModelSizes, resource: str) -> s
         candidates.append((f"--batch-size {t.batch_size // 2}", {"batch_size": t.batch_size // 2}))
 
     def fits(changes: dict, gpus: int | None = None) -> bool:
-        settings = replace(plan.settings, **{step: replace(t, **changes)}, steps=(step,))
-        available = replace(plan.available, gpus=gpus or plan.available.gpus)
-        again = plan_memory(sizes, settings, available)
-        return refusal(again, again.steps[0], sizes, suggest=False) is None
+        return _fits_alone(plan, step, sizes, replace(plan.settings, **{step: replace(t, **changes)}), gpus)
 
     prefixes, together, labels = [], {}, []
     for label, change in candidates:  # the settings together, in the order above (halving the batch last)

@@ -155,6 +155,7 @@ class PlanSettings:
     autoround_baselines: tuple[str, ...] = ()  # AutoRound files of the autoround step ("scheme@iters")
     reconstruct_samples: int = 128  # calibration windows of the reconstruct step
     reconstruct_weighting: str = "mse"  # its ReconstructSettings.weighting
+    reconstruct_head: bool = True  # its ReconstructSettings.head: the output head's phase after the blocks
     kltune: bool = True  # whether the preset runs the kltune step
     kltune_groups: int = 1  # its tensor groups, tuned one after another
     kltune_batch_size: int = 8  # its windows per step
@@ -175,7 +176,7 @@ def plan_settings(preset: str = "cpu-demo", overrides: Mapping | None = None, po
         synth_batch_size=p.synth_batch_size, imatrix_samples=p.imatrix_samples, gptq_codes=p.gptq_codes,
         bench_n_ctx=max(p.bench_depths) + p.bench_n_gen + LLAMA_N_UBATCH, policies=policies, steps=steps,
         baseline_presets=p.baseline_presets, autoround_baselines=p.autoround_baselines,
-        reconstruct_samples=p.reconstruct_samples, reconstruct_weighting=p.reconstruct_weighting,
+        reconstruct_samples=p.reconstruct_samples, reconstruct_weighting=p.reconstruct_weighting, reconstruct_head=p.reconstruct_head,
         kltune=p.kltune, kltune_groups=p.kltune_groups, kltune_batch_size=p.kltune_batch_size)
 
 
@@ -471,8 +472,8 @@ def reconstruct_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[d
     target and output cached on the host (fp32: the teacher's and the student's inputs, the targets, the outputs and the
     tuned outputs), and one block's weights being tuned (the teacher's copy, the offsets, their gradient and the best
     snapshot) with one batch's activations, or, at the end, the output head being tuned with both models' heads and a
-    step's logits (whichever phase is larger); then the file is rewritten (a copy of the base) beside a per-block checkpoint."""
-    from recover_lora.recovery.output_head import HEAD_STEP_LOGITS
+    step's logits (each resource at its larger phase); then the file is rewritten (a copy of the base) beside a per-block
+    checkpoint."""
     from recover_lora.recovery.reconstruct import DEFAULT_BATCH_SIZE
 
     on_gpu = gpus > 0
@@ -487,23 +488,37 @@ def reconstruct_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[d
     per_token = 8 * c.hidden_size + 4 * c.intermediate_size + 2 * c.num_heads * s.synth_seq_len  # incl. attention scores
     # The models stay on the host; a GPU holds one block of each, the weights being tuned and a batch's activations.
     gpu = {"CUDA context": CUDA_CONTEXT_BYTES, "teacher and student block fp32": 2 * block_weights * 4} if on_gpu else {}
-    # The head's phase: the teacher keeps its embedding and head, the student too unless the head is tied (its verdict
-    # runs every block), so their blocks are freed before the head's state is built.
-    head_host = {k: v for k, v in host.items() if k not in models}
-    head_host["teacher embedding and head fp32"] = embedding_params(c) * 4
-    head_host["student fp32" if c.tie_word_embeddings else "student embedding and head fp32"] = (
-        models["student fp32"] if c.tie_word_embeddings else embedding_params(sizes.student) * 4)
-    head_gpu = {"CUDA context": CUDA_CONTEXT_BYTES} if on_gpu else {}
     _place(host, gpu, on_gpu, block_being_tuned=5 * block_weights * 4,
            batch_activations=DEFAULT_BATCH_SIZE * s.synth_seq_len * per_token * 4 * 3)
-    # Then the output head (recovery/output_head.py), tuned as kl-tune tunes a tensor, on a step's logits of both sides.
-    head = sizes.student.vocab_size * sizes.student.hidden_size
-    _place(head_host, head_gpu, on_gpu, output_head_being_tuned=head * KLTUNE_BYTES_PER_WEIGHT, teacher_and_student_head_fp32=2 * head * 4,
-           head_step_logits=HEAD_STEP_LOGITS * 4 * KLTUNE_LOGIT_FP32_COPIES)
-    total = lambda parts: sum(parts[0].values()) + sum(parts[1].values())
-    host, gpu = max((host, gpu), (head_host, head_gpu), key=total)
+    if s.reconstruct_head:
+        host, gpu = _larger_phase_per_resource((host, gpu), reconstruct_head_phase(sizes, host, models, on_gpu))
     written = file_bytes(sizes.policy_tensors["w4"])
     return host, gpu, written, written, "a checkpoint of the finished blocks beside the output"
+
+
+def reconstruct_head_phase(sizes: ModelSizes, blocks_host: dict, models: dict, on_gpu: bool) -> tuple[dict, dict]:
+    """reconstruct's last phase (recovery/output_head.py): the teacher keeps its embedding and head, the student too unless
+    the head is tied (its verdict runs every block), their blocks freed; the head is tuned as kl-tune tunes a tensor, on a
+    step's logits of both sides."""
+    from recover_lora.recovery.output_head import HEAD_STEP_LOGITS
+
+    c = sizes.teacher
+    host = {k: v for k, v in blocks_host.items() if k not in models and k not in ("block being tuned", "batch activations")}
+    host["teacher embedding and head fp32"] = embedding_params(c) * 4
+    host["student fp32" if c.tie_word_embeddings else "student embedding and head fp32"] = (
+        models["student fp32"] if c.tie_word_embeddings else embedding_params(sizes.student) * 4)
+    gpu = {"CUDA context": CUDA_CONTEXT_BYTES} if on_gpu else {}
+    head = sizes.student.vocab_size * sizes.student.hidden_size
+    _place(host, gpu, on_gpu, output_head_being_tuned=head * KLTUNE_BYTES_PER_WEIGHT, teacher_and_student_head_fp32=2 * head * 4,
+           head_step_logits=HEAD_STEP_LOGITS * 4 * KLTUNE_LOGIT_FP32_COPIES)
+    return host, gpu
+
+
+def _larger_phase_per_resource(*phases: tuple[dict, dict]) -> tuple[dict, dict]:
+    """A step's peak of each resource over its phases, each resource's parts from the phase that peaks there: one phase
+    may need more host RAM and another more GPU memory, and either can be the one that does not fit."""
+    total = lambda parts: sum(parts.values())
+    return max((h for h, _ in phases), key=total), max((g for _, g in phases), key=total)
 
 
 # recovery/kl_tune.py, bytes per weight of a tensor being tuned: the teacher's copy (target), the rounding offset, its

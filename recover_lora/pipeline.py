@@ -347,7 +347,8 @@ class Pipeline:
         from recover_lora.recovery.reconstruct import ReconstructSettings, reconstruct
 
         outputs = [self.path["reconstructed"], self.path["reconstruct"]]
-        settings = ReconstructSettings(iters=self.preset.reconstruct_iters, weighting=self.preset.reconstruct_weighting, seed=self.config.seed,
+        settings = ReconstructSettings(iters=self.preset.reconstruct_iters, weighting=self.preset.reconstruct_weighting,
+                                       head=self.preset.reconstruct_head, seed=self.config.seed,
                                        device=str(pick_device(self.config.device)))
         inputs = {"source": self._source_identity(), "settings": asdict(settings), "samples": self.preset.reconstruct_samples,
                   **self._hash(self.path["searched"], self.path["synth"] / "samples.safetensors")}

@@ -113,6 +113,9 @@ class Preset:
     reconstruct_samples: int = 128
     reconstruct_iters: int = 100
     reconstruct_weighting: str = "mse"
+    # Whether reconstruct's last stage tunes the output head (recovery/output_head.py): its state is ~29 bytes per
+    # head weight on the device, more than a block's for a large vocabulary (`recover-lora plan` says when).
+    reconstruct_head: bool = True
     # End-to-end KL tuning of the reconstructed file's codes (`kltune` step, recovery/kl_tune.py): whether it runs,
     # its calibration windows (the first synthetic samples; the last kltune_held_out of them judge its snapshots) and
     # passes over the rest, and its tensor groups. One group's tuning state is held at a time, ~29 bytes per weight

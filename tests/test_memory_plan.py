@@ -320,3 +320,21 @@ def test_a_step_that_does_not_fit_and_can_be_left_out_says_so_and_a_run_without_
     assert not pipeline.preset.kltune and pipeline.preset.autoround_baselines == () and pipeline.preset.kltune_groups == 8
     with pytest.raises(RecoverLoraError, match=r"^--skip 'train': only autoround, kltune can be left out"):
         PipelineConfig(out_dir=tmp_path / "run", skip=("train",))
+
+
+def test_reconstruct_plans_each_resource_at_its_larger_phase_and_a_head_too_big_for_the_gpu_names_no_head():
+    """Qwen3-14B on a 24 GiB GPU: the blocks' phase needs more host RAM, the output head's phase (a 778 M-weight head
+    being tuned) more GPU memory. The plan keeps each resource's own peak, refuses on the GPU, and says that the
+    blocks alone fit (`reconstruct --no-head`); without the head's stage the same plan fits."""
+    sizes = model_sizes(load_model_shape("qwen3-14b"))
+    available = Available(gpus=1, gpu_bytes=24 * GiB, host_bytes=256 * GiB, disk_bytes=1000 * GiB)
+    settings = plan_settings("cpu-demo", steps=("reconstruct",))
+    assert settings.reconstruct_head
+    plan = checked_plan(sizes, settings, available)
+    step = plan.steps[0]
+    assert "output head being tuned" in step.gpu and "teacher fp32" in step.host  # GPU from one phase, host from the other
+    assert len(plan.problems) == 1 and plan.problems[0].startswith("reconstruct needs ")
+    assert "leave the output head's stage out (recover-lora reconstruct --no-head)" in plan.problems[0]
+    blocks_only = checked_plan(sizes, replace(settings, reconstruct_head=False), available)
+    assert blocks_only.fits and "output head being tuned" not in blocks_only.steps[0].gpu
+    assert blocks_only.steps[0].host == step.host
