@@ -14,7 +14,9 @@ tensor's ggml type (export/ggml_blocks), so every value the forward pass uses is
 each with a straight-through gradient. IQ4_NL's and IQ4_XS's codes index a 16-level codebook: code_float is the
 fractional index of W / s (s the sub-block's level scale: IQ4_NL's d, IQ4_XS's d · (sc - 32)) between the two
 nearest levels (round(index) is the nearest level, as ggml's best_index_int8), V moves it in index units and
-the gradient is the codebook's local slope.
+the gradient is the codebook's local slope. IQ3_S's codes name a grid point per group of 4 weights: V (one per
+weight, in level steps) moves W / s, each group takes the grid point nearest its moved magnitudes and each weight the
+moved value's sign, and the gradient is the moved value's (straight through the choice).
 
 Every straight-through value is `rounded + (x - x.detach())`: the forward adds an exact 0, so the weight
 trained against is bit for bit `type(blocks).torch_dequantize` of the fields `to_blocks` writes, which is
@@ -40,9 +42,14 @@ import torch
 from torch import nn
 
 from recover_lora.errors import RecoverLoraError
-from recover_lora.export.ggml_blocks import IQ4_NL_VALUES, CodebookBlocks, GGMLBlocks, HalfField
+from recover_lora.export.ggml_blocks import IQ4_NL_VALUES, CodebookBlocks, GGMLBlocks, GridBlocks, HalfField
+from recover_lora.export.ggml_blocks.iq_grid import GROUP, nearest_grid_points
 
 OFFSET_RANGE = (-0.5, 0.5)  # SignRound's V: at most half a code either way from round-to-nearest
+# An IQ grid type's V, in level steps: its grid holds some 4-tuples of levels only, and llama.cpp chooses a group's point
+# under the sub-block's scale before that scale is rounded to 4 bits, so its point can lie several levels from the
+# weights under the stored scale; V must reach it for the module to start as the file. Training moves V by Σ lr anyway.
+GRID_OFFSET_RANGE = (-16.0, 16.0)
 MULTIPLIER_RANGE = (0.5, 1.5)  # scale multipliers; SignRound moves them by at most Σ lr (= iters · lr / 2 decayed)
 
 
@@ -64,17 +71,23 @@ class QuantizedWeight(nn.Module):
         super().__init__()
         self.blocks_type = type(blocks)
         self.shape = tuple(target.shape)
-        n, sub_blocks, per_sub_block = blocks.codes.shape
-        if target.numel() != blocks.codes.size:
+        self.grid = issubclass(self.blocks_type, GridBlocks)
+        n, sub_blocks, per_sub_block = blocks.n_blocks, self.blocks_type.SUB_BLOCKS, self.blocks_type.WEIGHTS_PER_SUB_BLOCK
+        if target.numel() != n * sub_blocks * per_sub_block:
             raise RecoverLoraError(f"a {tuple(target.shape)} weight does not fit {n} {self.blocks_type.GGML_TYPE.name} blocks")
         fields = blocks.to_torch()
         self.register_buffer("target", target.detach().to(torch.float32).reshape(n, sub_blocks, per_sub_block).clone(), persistent=False)
-        self.others = [name for name in self.blocks_type.FIELDS if name != "codes"]
+        # The scale fields (a grid type's signs are chosen with its codes, from the weights).
+        self.others = [name for name in self.blocks_type.FIELDS if name not in ("codes", "signs")]
         for name in self.others:
             self.register_buffer(f"{name}0", fields[name], persistent=False)
         # Multipliers on every scale field: one per super-block for fp16 fields, one per sub-block for integer codes.
         self.multipliers = nn.ParameterDict({name: nn.Parameter(torch.ones_like(fields[name])) for name in self.others})
-        self.offsets = nn.Parameter(torch.zeros_like(fields["codes"]))
+        self.offset_range = GRID_OFFSET_RANGE if self.grid else OFFSET_RANGE
+        self.offsets = nn.Parameter(torch.zeros_like(self.target if self.grid else fields["codes"]))
+        if self.grid:
+            self._start_at_the_files_grid_points(fields)
+            return
         with torch.no_grad():  # V = 0 where the GGUF's code is the nearest, else the offset that gives it back
             code_float = self.code_float(self.scale_fields())
             nearest = code_float.clamp(self.blocks_type.FIELDS["codes"].low, self.blocks_type.FIELDS["codes"].high).round()
@@ -119,15 +132,53 @@ class QuantizedWeight(nn.Module):
         w0, _, inverse, fill = self.sub_block_grid(scales)
         return (self.target - w0) * inverse + fill
 
+    # -- IQ grid types: V moves the weights (in level steps) whose nearest grid point the codes and signs are --------
+    def grid_target(self, scales: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The target in the grid's level units under these scales, V added: [n, S, W] (0 where a sub-block's scale is 0)."""
+        scale = self.blocks_type.level_scale(**scales)
+        scaled = torch.where(scale == 0, torch.zeros_like(self.target), self.target / torch.where(scale == 0, torch.ones_like(scale), scale))
+        return scaled + self.blocks_type.LEVEL_STEP * self.offsets
+
+    def grid_fields(self, scales: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the moved target in level units, its codes and signs): each group's nearest grid point, the weights' signs."""
+        moved = self.grid_target(scales)
+        n, sub_blocks, per_sub_block = moved.shape
+        with torch.no_grad():
+            codes = nearest_grid_points(moved.abs().reshape(n, sub_blocks, per_sub_block // GROUP, GROUP), self.blocks_type)
+            signs = (moved < 0).float()
+        return moved, {"codes": codes.float(), "signs": signs}
+
+    def _start_at_the_files_grid_points(self, fields: dict) -> None:
+        """V = 0 for a group whose nearest grid point (and signs) are the GGUF's, else the V that puts the group on the
+        GGUF's point (within GRID_OFFSET_RANGE): before any step the module is the input file wherever reachable."""
+        with torch.no_grad():
+            scales = self.scale_fields()
+            _, nearest = self.grid_fields(scales)
+            n, sub_blocks, per_sub_block = self.target.shape
+            stored = torch.as_tensor(self.blocks_type.GRID, device=self.target.device)[fields["codes"].long()]
+            stored = stored.reshape(n, sub_blocks, per_sub_block) * (1 - 2 * fields["signs"])
+            same = (nearest["codes"] == fields["codes"]).repeat_interleave(GROUP, dim=-1) & (nearest["signs"] == fields["signs"])
+            same = same.reshape(n, sub_blocks, -1, GROUP).all(-1).repeat_interleave(GROUP, dim=-1)
+            needed = ((stored - self.grid_target(scales)) / self.blocks_type.LEVEL_STEP).clamp(*GRID_OFFSET_RANGE)
+            self.offsets.copy_(torch.where(same, torch.zeros_like(needed), needed))
+
     def fields(self) -> dict[str, torch.Tensor]:
         """Every field of the blocks type, each exactly a value its bits hold (forward), differentiable (backward)."""
         scales = self.scale_fields()
+        if self.grid:
+            return {**self.grid_fields(scales)[1], **scales}
         spec = self.blocks_type.FIELDS["codes"]
         codes = (self.code_float(scales) + self.offsets).clamp(spec.low, spec.high)
         return {"codes": straight_through(codes, codes.detach().round()), **scales}
 
     def forward(self) -> torch.Tensor:
-        if issubclass(self.blocks_type, CodebookBlocks):  # a codebook lookup has no gradient: the levels' local slope instead
+        if self.grid:  # weight = scale · (grid point · sign), with the moved target's gradient through the choice
+            scales = self.scale_fields()
+            moved, chosen = self.grid_fields(scales)
+            n, sub_blocks, per_sub_block = moved.shape
+            points = torch.as_tensor(self.blocks_type.GRID, device=moved.device)[chosen["codes"].long()].reshape(moved.shape)
+            weight = self.blocks_type.level_scale(**scales) * straight_through(moved, points * (1 - 2 * chosen["signs"]))
+        elif issubclass(self.blocks_type, CodebookBlocks):  # a codebook lookup has no gradient: the levels' local slope instead
             fields = self.fields()
             codes = fields.pop("codes")
             weight = self.blocks_type.level_scale(**fields) * codebook_values(codes)
@@ -147,7 +198,7 @@ class QuantizedWeight(nn.Module):
     def clamp_(self) -> None:
         """Keep V and the multipliers in their ranges (after each step)."""
         with torch.no_grad():
-            self.offsets.clamp_(*OFFSET_RANGE)
+            self.offsets.clamp_(*self.offset_range)
             for multiplier in self.multipliers.values():
                 multiplier.clamp_(*MULTIPLIER_RANGE)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from recover_lora.errors import RecoverLoraError
-from recover_lora.export.ggml_blocks import BLOCK_TYPES, CodebookBlocks, HalfField, Q2KBlocks, blocks_for, from_bytes
+from recover_lora.export.ggml_blocks import BLOCK_TYPES, CodebookBlocks, GridBlocks, HalfField, Q2KBlocks, blocks_for, from_bytes
 from recover_lora.export.ggml_quantize import quantize_rows
 
 T = gguf.GGMLQuantizationType
@@ -54,7 +54,7 @@ def test_unpack_pack_is_identity_and_dequantize_is_gguf_pys(ggml_type):
     for raw in raw_sources(ggml_type):
         blocks = from_bytes(raw, ggml_type)
         assert type(blocks) is cls and blocks.n_blocks == raw.size // cls.BLOCK_BYTES
-        assert blocks.codes.shape == (blocks.n_blocks, cls.SUB_BLOCKS, cls.WEIGHTS_PER_SUB_BLOCK)
+        assert blocks.codes.shape == cls._field_shape("codes", blocks.n_blocks)  # an IQ grid type: a code per group of weights
         np.testing.assert_array_equal(blocks.to_bytes().reshape(raw.shape), raw)
         expected = gguf.quants.dequantize(raw, ggml_type).reshape(-1)
         np.testing.assert_array_equal(blocks.dequantize(), expected)
@@ -102,6 +102,10 @@ def scale_bytes(ggml_type, field: str, s: int) -> set[int]:
         if field == "d":
             return {0, 1}
         return {2 + s // 4, 4 + s // 2}  # scales_h (uint16, 2 bits per sub-block), then scales_l[4] (a nibble each)
+    if ggml_type == T.IQ3_S:
+        if field == "d":
+            return {0, 1}
+        return {2 + 64 + 8 + 32 + s // 2}  # scales[4] (a nibble each) after d, qs[64], qh[8] and signs[32]
     return {0, 1} if field == "d" else {2, 3}  # 32-weight types: d, then Q4_1/Q5_1's m
 
 
@@ -147,7 +151,7 @@ def test_encode_fits_codes_to_weights_and_clamps_integer_fields(ggml_type):
     fitted = cls.encode(weights=torch.from_numpy(blocks.dequantize()), **others)
     np.testing.assert_array_equal(fitted.dequantize(), blocks.dequantize())
     np.testing.assert_array_equal(fitted.to_bytes().shape, raw.reshape(-1, cls.BLOCK_BYTES).shape)
-    if issubclass(cls, CodebookBlocks):
+    if issubclass(cls, (CodebookBlocks, GridBlocks)):
         live = np.broadcast_to(blocks.scale_values() != 0, blocks.codes.shape)
     else:
         live = np.broadcast_to((blocks.sub_block_scales()[0] != 0)[:, :, None], blocks.codes.shape)
@@ -194,8 +198,8 @@ def test_torch_dequantize_is_differentiable_in_the_float_fields(ggml_type):
     fields = {name: value.requires_grad_(True) for name, value in blocks.to_torch().items()}
     (cls.torch_dequantize(**fields) ** 2).sum().backward()
     for name, value in fields.items():
-        if name == "codes" and issubclass(cls, CodebookBlocks):
-            assert value.grad is None  # codebook indices: a lookup has no gradient
+        if name == "codes" and issubclass(cls, (CodebookBlocks, GridBlocks)):
+            assert value.grad is None  # codebook indices and grid points: a lookup has no gradient
             continue
         assert value.grad is not None and torch.isfinite(value.grad).all() and value.grad.abs().sum() > 0, name
 
@@ -218,3 +222,18 @@ def test_q2k_keeps_the_constants_its_users_read():
     blocks = Q2KBlocks.from_bytes(quantize_rows(ROWS[:1], T.Q2_K, threads=1))
     scale, minimum = blocks.sub_block_scales()
     np.testing.assert_array_equal((scale[:, :, None] * blocks.codes - minimum[:, :, None]).reshape(-1), blocks.dequantize())
+
+
+def test_iq3_s_codes_are_the_nearest_grid_points_of_their_groups():
+    """nearest_grid_points compares each group with the grid points nearest its rounded levels: a grid point is its own
+    nearest, and random magnitudes get the brute-force nearest point (over all 512) almost always, never far from it."""
+    from recover_lora.export.ggml_blocks.iq_grid import IQ3SBlocks, nearest_grid_points
+
+    grid = torch.from_numpy(IQ3SBlocks.GRID)
+    assert grid.shape == (512, 4) and set(np.unique(IQ3SBlocks.GRID)) == {1, 3, 5, 7, 9, 11, 13, 15}
+    assert torch.equal(nearest_grid_points(grid, IQ3SBlocks), torch.arange(512))
+    magnitudes = torch.from_numpy(np.random.default_rng(0).uniform(0, 17, (20_000, 4)).astype(np.float32))
+    chosen = nearest_grid_points(magnitudes, IQ3SBlocks)
+    distances = ((magnitudes[:, None, :] - grid[None]) ** 2).sum(-1)
+    excess = distances.gather(1, chosen[:, None]).squeeze(1) - distances.min(-1).values
+    assert (excess == 0).float().mean() > 0.999 and excess.max() < 4  # within one level step of the nearest

@@ -36,11 +36,11 @@ from test_type_search import HELDOUT_TEXT
 
 T = gguf.GGMLQuantizationType
 BLOCK32 = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL]
-K_QUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS]  # IQ4_XS: 256-weight super-blocks too
+K_QUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS]  # IQ4_XS: 256-weight super-blocks too (IQ3_S below)
 ITERS = 24  # few steps at the default step size (1 / DEFAULT_ITERS): every block improves on tiny models
 SETTINGS = ReconstructSettings(iters=ITERS, lr=1 / reconstruct_module.DEFAULT_ITERS, batch_size=4)
-# (model, type): stories260K for the 32-weight types, the tiny Llama for the K-quants, one Qwen2 (biases, GQA).
-CASES = [("stories", t) for t in BLOCK32] + [("llama", t) for t in K_QUANTS] + [("qwen2", T.Q4_K)]
+# (model, type): stories260K for the 32-weight types, the tiny Llama for the K-quants and the IQ3_S grid, one Qwen2 (biases, GQA).
+CASES = [("stories", t) for t in BLOCK32] + [("llama", t) for t in K_QUANTS + [T.IQ3_S]] + [("qwen2", T.Q4_K)]
 
 
 @pytest.fixture(scope="module")

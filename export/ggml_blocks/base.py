@@ -212,7 +212,7 @@ class GGMLBlocks:
             weights: the float weights (n_blocks · WEIGHTS_PER_BLOCK, any shape, ggml's order); the
                 codes are fitted to them, nearest under the given scales. Give this or `codes`.
             codes: the chosen codes, as stored (e.g. 0..15 for Q4_0), real values allowed.
-            **fields: every other field of the type (scale_codes, min_codes, d, dmin, m).
+            **fields: every other field of the type (scale_codes, min_codes, d, dmin, m; an IQ grid type's signs).
         Example:
             Q2KBlocks.encode(weights=w, scale_codes=sc, min_codes=mc, d=d, dmin=dmin).to_bytes()
         """
@@ -222,11 +222,11 @@ class GGMLBlocks:
         n = as_numpy(fields["d"]).size
         values = {name: cls._encode_field(name, as_numpy(fields[name]), n) for name in others}
         if codes is None:
-            shape = cls._field_shape("codes", n)
+            shape = (n, cls.SUB_BLOCKS, cls.WEIGHTS_PER_SUB_BLOCK)
             weights = as_numpy(weights).astype(np.float32)
             if weights.size != np.prod(shape):
                 raise RecoverLoraError(f"{weights.size} weights for {n} {cls.GGML_TYPE.name} blocks of {cls.WEIGHTS_PER_BLOCK}")
-            blank = cls(codes=np.zeros(shape, np.uint8), **values)
+            blank = cls(codes=np.zeros(cls._field_shape("codes", n), np.uint8), **values)
             codes = blank._fit_codes(weights.reshape(shape))
         values["codes"] = cls._encode_field("codes", as_numpy(codes), n)
         return cls(**values)
