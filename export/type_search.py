@@ -396,7 +396,8 @@ def search_types(
         min_decode: floor on predicted decode tokens/s as a ratio to the reference's (default 1.0 with a reference).
         reference: a GGUF of the same model (e.g. stock IQ4_XS) that sets the default limits.
         verify_decode: with a reference, time the winner against it in llama.cpp (`measured_decode_ratio`) and, when it
-            is slower than the floor, select again under a tighter decode budget (at most MAX_EXPORT_ROUNDS files).
+            is slower than the floor, select again under a tighter decode budget, or under a looser one when every
+            repeat was faster than the floor (at most MAX_EXPORT_ROUNDS files).
         decode: how decode time is predicted: "measured" (llama.cpp's rate of each type on this machine, on this
             model's shape: `measure_type_rates`), "bytes" (bytes read per token), or a DeviceProfile.
 
@@ -466,8 +467,8 @@ def search_types(
         fixed_bytes[pad], fixed_seconds[pad] = _fixed_bytes(exported, header_bytes), _fixed_seconds(exported, model)
     # The tensor budget: the cap less the F32 tensors and metadata (learned from the file, below). The decode budget:
     # the reference's predicted seconds over the floor. llama.cpp then times each winner against the reference, and the
-    # budget moves by the measured shortfall (or surplus) until one budget missed the floor and one met it, then is
-    # bisected between them; the file kept is the most accurate winner that met it.
+    # budget moves by the measured shortfall (or by a surplus every repeat shows) until one budget missed the floor and
+    # one met it, then is bisected between them; the file kept is the most accurate winner that met it.
     overhead = dict.fromkeys(tables, 0)  # header bytes the first guess missed, per padding (a padded header differs)
     budget = max_seconds  # a token's seconds
     floor = 1.0 if min_decode is None else min_decode
@@ -506,7 +507,7 @@ def search_types(
             last = (best, list(results.values()), None)
             break
         say(f"timing the winner against {Path(reference).name} in llama.cpp ...")
-        ratio = measured_decode_ratio(Path(reference), Path(out_path), threads)
+        ratio, lowest = measured_decode_ratio(Path(reference), Path(out_path), threads)
         last = (best, list(results.values()), ratio)
         if ratio >= floor * (1 - DECODE_TOLERANCE):
             if kept is None or best.predicted_kl < kept[0].predicted_kl:
@@ -515,7 +516,13 @@ def search_types(
             if missed_at is None and ratio <= floor * (1 + DECODE_TOLERANCE):
                 say(f"measured decode {ratio:.3f} x the reference: meets the floor {floor:.2f}")
                 break
-            say(f"measured decode {ratio:.3f} x the reference: meets the floor {floor:.2f}, trying a looser decode budget")
+            if lowest < floor:
+                # A surplus inside the repeats' own spread is noise: on a shared 2-core machine single repeats of one
+                # pair differ by 10-20 %, and loosening on such a median once kept a file 9 % slower than the floor.
+                say(f"measured decode {ratio:.3f} x the reference (slowest repeat {lowest:.3f}): meets the floor {floor:.2f}")
+                break
+            say(f"measured decode {ratio:.3f} x the reference (every repeat >= {floor:.2f}): meets the floor, trying a looser "
+                f"decode budget")
         else:
             say(f"measured decode {ratio:.3f} x the reference: below the floor {floor:.2f}, trying a tighter decode budget")
             missed_at = budget
@@ -541,14 +548,15 @@ def search_types(
                         seconds=round(time.perf_counter() - start, 1))
 
 
-def measured_decode_ratio(reference: Path, candidate: Path, threads: int | None = None) -> float:
+def measured_decode_ratio(reference: Path, candidate: Path, threads: int | None = None) -> tuple[float, float]:
     """Decode tokens/s of `candidate` over `reference`'s, measured in llama.cpp: interleaved repeats (A B, B A, ...) at
-    depth 0, the median of the per-repeat ratios (`recover-lora bench` semantics)."""
+    depth 0; (the median of the per-repeat ratios, as `recover-lora bench` reports, and the lowest)."""
     from recover_lora.runtime.bench import BenchConfig, Variant, run_bench
 
     records = run_bench([Variant(reference), Variant(candidate)],
                         BenchConfig(depths=(0,), repeats=VERIFY_REPEATS, n_gen=VERIFY_N_GEN, threads=threads, hash_files=False))
-    return float(records[1]["ratio_vs_baseline"]["tg"]["median"])
+    ratio = records[1]["ratio_vs_baseline"]["tg"]
+    return float(ratio["median"]), float(ratio["min"])
 
 
 def _export_plan(source, out_path, plan: PadPlan, matrix, threads, say) -> int:
