@@ -488,22 +488,23 @@ def reconstruct_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[d
     per_token = 8 * c.hidden_size + 4 * c.intermediate_size + 2 * c.num_heads * s.synth_seq_len  # incl. attention scores
     # The models stay on the host; a GPU holds one block of each, the weights being tuned and a batch's activations.
     gpu = {"CUDA context": CUDA_CONTEXT_BYTES, "teacher and student block fp32": 2 * block_weights * 4} if on_gpu else {}
+    head_phase = reconstruct_head_phase(sizes, host, models, on_gpu) if s.reconstruct_head else None
     _place(host, gpu, on_gpu, block_being_tuned=5 * block_weights * 4,
            batch_activations=DEFAULT_BATCH_SIZE * s.synth_seq_len * per_token * 4 * 3)
-    if s.reconstruct_head:
-        host, gpu = _larger_phase_per_resource((host, gpu), reconstruct_head_phase(sizes, host, models, on_gpu))
+    if head_phase:
+        host, gpu = _larger_phase_per_resource((host, gpu), head_phase)
     written = file_bytes(sizes.policy_tensors["w4"])
     return host, gpu, written, written, "a checkpoint of the finished blocks beside the output"
 
 
 def reconstruct_head_phase(sizes: ModelSizes, blocks_host: dict, models: dict, on_gpu: bool) -> tuple[dict, dict]:
-    """reconstruct's last phase (recovery/output_head.py): the teacher keeps its embedding and head, the student too unless
+    """`blocks_host`: the blocks' phase's host parts before a block's tuning state is placed. reconstruct's last phase (recovery/output_head.py): the teacher keeps its embedding and head, the student too unless
     the head is tied (its verdict runs every block), their blocks freed; the head is tuned as kl-tune tunes a tensor, on a
     step's logits of both sides."""
     from recover_lora.recovery.output_head import HEAD_STEP_LOGITS
 
     c = sizes.teacher
-    host = {k: v for k, v in blocks_host.items() if k not in models and k not in ("block being tuned", "batch activations")}
+    host = {k: v for k, v in blocks_host.items() if k not in models}
     host["teacher embedding and head fp32"] = embedding_params(c) * 4
     host["student fp32" if c.tie_word_embeddings else "student embedding and head fp32"] = (
         models["student fp32"] if c.tie_word_embeddings else embedding_params(sizes.student) * 4)

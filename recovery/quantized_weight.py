@@ -148,17 +148,20 @@ class QuantizedWeight(nn.Module):
             signs = (moved < 0).float()
         return moved, {"codes": codes.float(), "signs": signs}
 
+    def signed_grid_points(self, chosen: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each weight's grid magnitude times its sign, in level units, [n, S, W], from a grid type's codes and signs."""
+        points = torch.as_tensor(self.blocks_type.GRID, device=self.target.device)[chosen["codes"].long()]
+        return points.reshape(self.target.shape) * (1 - 2 * chosen["signs"])
+
     def _start_at_the_files_grid_points(self, fields: dict) -> None:
         """V = 0 for a group whose nearest grid point (and signs) are the GGUF's, else the V that puts the group on the
         GGUF's point (within GRID_OFFSET_RANGE): before any step the module is the input file wherever reachable."""
         with torch.no_grad():
             scales = self.scale_fields()
             _, nearest = self.grid_fields(scales)
-            n, sub_blocks, per_sub_block = self.target.shape
-            stored = torch.as_tensor(self.blocks_type.GRID, device=self.target.device)[fields["codes"].long()]
-            stored = stored.reshape(n, sub_blocks, per_sub_block) * (1 - 2 * fields["signs"])
-            same = (nearest["codes"] == fields["codes"]).repeat_interleave(GROUP, dim=-1) & (nearest["signs"] == fields["signs"])
-            same = same.reshape(n, sub_blocks, -1, GROUP).all(-1).repeat_interleave(GROUP, dim=-1)
+            stored = self.signed_grid_points(fields)
+            n, sub_blocks, _ = stored.shape
+            same = (self.signed_grid_points(nearest) == stored).reshape(n, sub_blocks, -1, GROUP).all(-1).repeat_interleave(GROUP, dim=-1)
             needed = ((stored - self.grid_target(scales)) / self.blocks_type.LEVEL_STEP).clamp(*GRID_OFFSET_RANGE)
             self.offsets.copy_(torch.where(same, torch.zeros_like(needed), needed))
 
@@ -175,9 +178,7 @@ class QuantizedWeight(nn.Module):
         if self.grid:  # weight = scale · (grid point · sign), with the moved target's gradient through the choice
             scales = self.scale_fields()
             moved, chosen = self.grid_fields(scales)
-            n, sub_blocks, per_sub_block = moved.shape
-            points = torch.as_tensor(self.blocks_type.GRID, device=moved.device)[chosen["codes"].long()].reshape(moved.shape)
-            weight = self.blocks_type.level_scale(**scales) * straight_through(moved, points * (1 - 2 * chosen["signs"]))
+            weight = self.blocks_type.level_scale(**scales) * straight_through(moved, self.signed_grid_points(chosen))
         elif issubclass(self.blocks_type, CodebookBlocks):  # a codebook lookup has no gradient: the levels' local slope instead
             fields = self.fields()
             codes = fields.pop("codes")
