@@ -119,15 +119,17 @@ baselines: $(STAMP)
 # Q4_K_M file dequantized as the teacher. Our w4 and gateup, and the type search under stock Q3_K_S's bytes and 1.05 x
 # its decode as llama.cpp's per-type rates measured on this machine predict it (13 random-weight exports of the model's
 # shape, once per machine and build; the search's own timing is left off: on a shared 2-core VM one pair's repeats
-# differ by 10-20 %, README "A model whose widths fit"; no padding to choose, every width fits), against llama.cpp's
-# presets on the model as it is, all with one importance matrix from
+# differ by 10-20 %, README "A model whose widths fit"; no padding to choose, every width fits), and GateUp + recovery as
+# far as this machine goes (`reconstruct` of the blocks, 64 windows x 50 steps, no head's stage: ~4 min a block, ~1.7
+# hours; kl-tune of a 1.5B model needs ~90 GiB, `recover-lora plan`), against llama.cpp's presets on the model as it
+# is, all with one importance matrix from
 # 64 x 128 tokens of the teacher's own text; held-out KL on the README's GSM8K windows (2,048 tokens: a 1.5B teacher
-# and student in torch on 2 cores); decode interleaved as in `make baselines`. About 2.5 hours on 2 cores.
+# and student in torch on 2 cores); decode interleaved as in `make baselines`. About 4.5 hours on 2 cores.
 # Table in $(ALIGNED)/table.md.
 ALIGNED       ?= $(OUT)/aligned
 QWEN          := qwen2.5-coder-1.5b
 ALIGNED_STOCK := Q3_K_S Q3_K_M IQ3_M Q4_K_M IQ4_XS Q2_K
-ALIGNED_OURS  := w4 gateup searched
+ALIGNED_OURS  := w4 gateup gateup-reconstructed searched
 ALIGNED_FILES := $(ALIGNED_OURS) $(ALIGNED_STOCK)
 aligned: $(STAMP)
 	mkdir -p $(ALIGNED)
@@ -136,6 +138,7 @@ aligned: $(STAMP)
 	for p in $(ALIGNED_STOCK); do $(RL) export $(QWEN) --llama-preset $$p --imatrix $(ALIGNED)/imatrix.gguf -o $(ALIGNED)/$$p.gguf --force || exit 1; done
 	for p in w4 gateup; do $(RL) export $(QWEN) --policy $$p --pad none --imatrix $(ALIGNED)/imatrix.gguf -o $(ALIGNED)/$$p.gguf --force || exit 1; done
 	$(RL) search $(QWEN) -o $(ALIGNED)/searched.gguf --imatrix $(ALIGNED)/imatrix.gguf --samples $(ALIGNED)/synth --reference $(ALIGNED)/Q3_K_S.gguf --pad none --min-decode 1.05 --no-verify-decode --json $(ALIGNED)/search.json --force
+	$(RL) reconstruct $(ALIGNED)/gateup.gguf -o $(ALIGNED)/gateup-reconstructed.gguf --teacher $(QWEN) --samples $(ALIGNED)/synth --max-samples 64 --iters 50 --no-head --json $(ALIGNED)/reconstruct-gateup.json --force
 	for f in $(ALIGNED_FILES); do $(RL) heldout --base $(ALIGNED)/$$f.gguf --teacher $(QWEN) --max-tokens 2048 --batch-size 2 --json $(ALIGNED)/heldout-$$f.json || exit 1; done
 	rm -f $(ALIGNED)/bench.jsonl
 	$(RL) bench $(foreach f,$(ALIGNED_FILES),$(ALIGNED)/$(f).gguf) --compare -d 0 -r 5 --n-gen 64 -t 2 -o $(ALIGNED)/bench.jsonl

@@ -3,7 +3,7 @@
 Block-wise reconstruction (reconstruct.py) makes each block's output match the teacher's; what a user meets is the
 output distribution, and on the default model most of the quantized file's KL to the teacher is in the tied token
 embedding / output head, which no block owns. Here every tensor of a type with a block format (ggml_blocks: the
-K-quants, the block-32 types, IQ4_NL, IQ4_XS, IQ3_S), the embedding and output head included, keeps its ggml type and learns its
+K-quants, the block-32 types, IQ4_NL, IQ4_XS, IQ3_S, IQ3_XXS), the embedding and output head included, keeps its ggml type and learns its
 rounding offsets (and, with --tune both, its scale multipliers) as recovery/quantized_weight.py lays them out, and the
 loss is the KL from the teacher's next-token distribution to the student's at every counted position, through the
 whole model: mlx-lm's DWQ (distilled weight quantization) objective on SignRound's parameters. The types, byte sizes
@@ -113,7 +113,7 @@ class KLTuneResult:
 
 def tunable_tensors(info) -> tuple[list, dict[str, str]]:
     """Every 2-D tensor of a type with a block format (reconstruct.TensorToTune, `parameter` its full name), and the
-    other 2-D tensors not stored F32 (name -> type: F16, the IQ grid types but IQ3_S), which stay as they are."""
+    other 2-D tensors not stored F32 (name -> type: F16, the IQ grid types but IQ3_S and IQ3_XXS), which stay as they are."""
     from gguf import GGMLQuantizationType as T
 
     from recover_lora.export.ggml_blocks import BLOCK_TYPES

@@ -14,9 +14,10 @@ tensor's ggml type (export/ggml_blocks), so every value the forward pass uses is
 each with a straight-through gradient. IQ4_NL's and IQ4_XS's codes index a 16-level codebook: code_float is the
 fractional index of W / s (s the sub-block's level scale: IQ4_NL's d, IQ4_XS's d · (sc - 32)) between the two
 nearest levels (round(index) is the nearest level, as ggml's best_index_int8), V moves it in index units and
-the gradient is the codebook's local slope. IQ3_S's codes name a grid point per group of 4 weights: V (one per
-weight, in level steps) moves W / s, each group takes the grid point nearest its moved magnitudes and each weight the
-moved value's sign, and the gradient is the moved value's (straight through the choice).
+the gradient is the codebook's local slope. IQ3_S's and IQ3_XXS's codes name a grid point per group of 4 weights: V
+(one per weight, in level steps) moves W / s, each group takes the grid point nearest its moved magnitudes and each
+weight the moved value's sign (IQ3_XXS: where 8 weights have an odd number of negatives, the smallest flips, as its
+format needs), and the gradient is the moved value's (straight through the choice).
 
 Every straight-through value is `rounded + (x - x.detach())`: the forward adds an exact 0, so the weight
 trained against is bit for bit `type(blocks).torch_dequantize` of the fields `to_blocks` writes, which is
@@ -43,7 +44,7 @@ from torch import nn
 
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.ggml_blocks import IQ4_NL_VALUES, CodebookBlocks, GGMLBlocks, GridBlocks, HalfField
-from recover_lora.export.ggml_blocks.iq_grid import GROUP, nearest_grid_points
+from recover_lora.export.ggml_blocks.iq_grid import GROUP, even_sign_parity, nearest_grid_points
 
 OFFSET_RANGE = (-0.5, 0.5)  # SignRound's V: at most half a code either way from round-to-nearest
 # An IQ grid type's V, in level steps: its grid holds some 4-tuples of levels only, and llama.cpp chooses a group's point
@@ -146,6 +147,8 @@ class QuantizedWeight(nn.Module):
         with torch.no_grad():
             codes = nearest_grid_points(moved.abs().reshape(n, sub_blocks, per_sub_block // GROUP, GROUP), self.blocks_type)
             signs = (moved < 0).float()
+            if self.blocks_type.SIGN_PARITY_GROUP:  # IQ3_XXS stores 7 signs of 8: flip the smallest where the count is odd
+                signs = even_sign_parity(signs, moved.abs(), self.blocks_type.SIGN_PARITY_GROUP)
         return moved, {"codes": codes.float(), "signs": signs}
 
     def signed_grid_points(self, chosen: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -161,7 +164,10 @@ class QuantizedWeight(nn.Module):
             _, nearest = self.grid_fields(scales)
             stored = self.signed_grid_points(fields)
             n, sub_blocks, _ = stored.shape
-            same = (self.signed_grid_points(nearest) == stored).reshape(n, sub_blocks, -1, GROUP).all(-1).repeat_interleave(GROUP, dim=-1)
+            # Whole groups of a grid point, or of a sign parity where that spans more (IQ3_XXS's 8): moving one group of 4
+            # onto the file's signs could change which weight a parity flip takes in the other.
+            unit = max(GROUP, self.blocks_type.SIGN_PARITY_GROUP or 0)
+            same = (self.signed_grid_points(nearest) == stored).reshape(n, sub_blocks, -1, unit).all(-1).repeat_interleave(unit, dim=-1)
             needed = ((stored - self.grid_target(scales)) / self.blocks_type.LEVEL_STEP).clamp(*GRID_OFFSET_RANGE)
             self.offsets.copy_(torch.where(same, torch.zeros_like(needed), needed))
 

@@ -23,7 +23,7 @@ For block i, on the calibration windows:
 - the student's input to block i + 1 is block i's output with the weights written.
 Then (--head, the default) the output head, lm_head or the tied token embedding, learns the same way on the
 next-token KL from the student's final hidden states (recovery/output_head.py), judged on held-out windows.
-Block linears of a type with no block format (F16, the IQ grid types but IQ3_S) are left as they are and
+Block linears of a type with no block format (F16, the IQ grid types but IQ3_S and IQ3_XXS) are left as they are and
 listed in the report; an untied token embedding and every 1-D tensor are never touched.
 
 What it buys on the default model (README "Block-wise reconstruction"): 11-17 % of a searched file's held-out KL at

@@ -106,6 +106,10 @@ def scale_bytes(ggml_type, field: str, s: int) -> set[int]:
         if field == "d":
             return {0, 1}
         return {2 + 64 + 8 + 32 + s // 2}  # scales[4] (a nibble each) after d, qs[64], qh[8] and signs[32]
+    if ggml_type == T.IQ3_XXS:
+        if field == "d":
+            return {0, 1}
+        return {2 + 64 + 4 * s + 3}  # the top byte of sub-block s's little-endian uint32 after d and the 64 grid indices
     return {0, 1} if field == "d" else {2, 3}  # 32-weight types: d, then Q4_1/Q5_1's m
 
 
@@ -224,16 +228,42 @@ def test_q2k_keeps_the_constants_its_users_read():
     np.testing.assert_array_equal((scale[:, :, None] * blocks.codes - minimum[:, :, None]).reshape(-1), blocks.dequantize())
 
 
-def test_iq3_s_codes_are_the_nearest_grid_points_of_their_groups():
-    """nearest_grid_points compares each group with the grid points nearest its rounded levels: a grid point is its own
-    nearest, and random magnitudes get the brute-force nearest point (over all 512) almost always, never far from it."""
-    from recover_lora.export.ggml_blocks.iq_grid import IQ3SBlocks, nearest_grid_points
+GRIDS = [(T.IQ3_S, 512, {1, 3, 5, 7, 9, 11, 13, 15}), (T.IQ3_XXS, 256, {4, 12, 20, 28, 36, 44, 52, 62})]
 
-    grid = torch.from_numpy(IQ3SBlocks.GRID)
-    assert grid.shape == (512, 4) and set(np.unique(IQ3SBlocks.GRID)) == {1, 3, 5, 7, 9, 11, 13, 15}
-    assert torch.equal(nearest_grid_points(grid, IQ3SBlocks), torch.arange(512))
-    magnitudes = torch.from_numpy(np.random.default_rng(0).uniform(0, 17, (20_000, 4)).astype(np.float32))
-    chosen = nearest_grid_points(magnitudes, IQ3SBlocks)
+
+@pytest.mark.parametrize("ggml_type,points,levels", GRIDS, ids=[g[0].name for g in GRIDS])
+def test_grid_codes_are_the_nearest_grid_points_of_their_groups(ggml_type, points, levels):
+    """nearest_grid_points compares each group with the grid points nearest its rounded levels: a grid point is its own
+    nearest, and random magnitudes get the brute-force nearest point (over the whole grid) almost always, never far from it."""
+    from recover_lora.export.ggml_blocks.iq_grid import nearest_grid_points
+
+    cls = blocks_for(ggml_type)
+    grid = torch.from_numpy(cls.GRID)
+    assert grid.shape == (points, 4) and set(np.unique(cls.GRID)) == levels
+    assert torch.equal(nearest_grid_points(grid, cls), torch.arange(points))
+    magnitudes = torch.from_numpy(np.random.default_rng(0).uniform(0, max(levels) + 2, (20_000, 4)).astype(np.float32))
+    chosen = nearest_grid_points(magnitudes, cls)
     distances = ((magnitudes[:, None, :] - grid[None]) ** 2).sum(-1)
     excess = distances.gather(1, chosen[:, None]).squeeze(1) - distances.min(-1).values
-    assert (excess == 0).float().mean() > 0.999 and excess.max() < 4  # within one level step of the nearest
+    assert (excess == 0).float().mean() > 0.999 and excess.max() < cls.LEVEL_STEP ** 2  # within one level step of the nearest
+
+
+def test_iq3_xxs_stores_seven_signs_of_eight_and_refuses_an_odd_number_of_negatives():
+    """The 8th sign of each 8 weights is implied (ggml's ksigns: an even number of negatives); even_sign_parity makes
+    chosen signs storable by flipping the smallest magnitude of an odd group, and nothing else."""
+    from recover_lora.export.ggml_blocks.iq_grid import even_sign_parity
+
+    cls = blocks_for(T.IQ3_XXS)
+    blocks = cls.from_bytes(quantize_rows(ROWS[:1], T.IQ3_XXS, threads=1))
+    assert (blocks.signs.reshape(-1, 8).sum(-1) % 2 == 0).all()
+    blocks.signs = blocks.signs.copy()
+    blocks.signs[0, 0, 3] ^= 1
+    with pytest.raises(RecoverLoraError, match="even number of negatives in each 8") as error:
+        blocks.to_bytes()
+    assert "\n" not in str(error.value)
+    signs = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.float32)
+    magnitudes = torch.tensor([[5, 3, 9, 1, 4, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8]], dtype=torch.float32)
+    fixed = even_sign_parity(signs, magnitudes, 8)
+    assert fixed.tolist() == [[1, 0, 0, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0]]  # the first 8's smallest (1 at 3) flips
+    blocks.signs[0, 0, :8] = fixed[0, :8].numpy()
+    assert cls.from_bytes(blocks.to_bytes()).signs[0, 0, :8].tolist() == fixed[0, :8].tolist()

@@ -91,8 +91,8 @@ def test_tuned_gguf_is_exact_runs_in_llama_cpp_and_lowers_the_held_out_kl(storie
 
 # Shaped as real checkpoints are: Qwen2 (q/k/v biases, GQA, an untied output head), Gemma 3 (tied embedding scaled by
 # sqrt(hidden), 4:1 heads of 256, sliding windows), Phi-3 (fused qkv and gate|up). K-quant blocks (hidden 256); the
-# IQ4_XS codebook on one of them.
-ARCH_CASES = [("qwen2", T.Q4_K), ("gemma3", T.Q4_K), ("phi3", T.IQ4_XS)]
+# IQ4_XS codebook on one of them, the IQ3_S and IQ3_XXS grids (a grid point per 4 weights) on Qwen2 and Gemma 3.
+ARCH_CASES = [("qwen2", T.Q4_K), ("gemma3", T.Q4_K), ("phi3", T.IQ4_XS), ("qwen2", T.IQ3_S), ("gemma3", T.IQ3_XXS)]
 
 
 @pytest.mark.parametrize("arch,ggml_type", ARCH_CASES, ids=[f"{a}-{t.name}" for a, t in ARCH_CASES])

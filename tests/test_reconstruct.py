@@ -21,6 +21,7 @@ import torch
 from conftest import STORIES_DIR, llama_cpp_logits, make_tiny_hf_model, sample_tokens, torch_logits, torch_threads
 from recover_lora.errors import RecoverLoraError
 from recover_lora.export.gguf_header import read_gguf_header
+from recover_lora.export.imatrix_file import TYPES_NEEDING_IMATRIX
 from recover_lora.export.ggml_blocks import BLOCK_TYPES, from_bytes
 from recover_lora.export.ggml_quantize import quantize_rows
 from recover_lora.export.model import hf_name
@@ -39,8 +40,9 @@ BLOCK32 = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL]
 K_QUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS]  # IQ4_XS: 256-weight super-blocks too (IQ3_S below)
 ITERS = 24  # few steps at the default step size (1 / DEFAULT_ITERS): every block improves on tiny models
 SETTINGS = ReconstructSettings(iters=ITERS, lr=1 / reconstruct_module.DEFAULT_ITERS, batch_size=4)
-# (model, type): stories260K for the 32-weight types, the tiny Llama for the K-quants and the IQ3_S grid, one Qwen2 (biases, GQA).
-CASES = [("stories", t) for t in BLOCK32] + [("llama", t) for t in K_QUANTS + [T.IQ3_S]] + [("qwen2", T.Q4_K)]
+# (model, type): stories260K for the 32-weight types, the tiny Llama for the K-quants and the IQ3_S / IQ3_XXS grids, one Qwen2
+# (biases, GQA).
+CASES = [("stories", t) for t in BLOCK32] + [("llama", t) for t in K_QUANTS + [T.IQ3_S, T.IQ3_XXS]] + [("qwen2", T.Q4_K)]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,12 @@ def export_unpadded(source: Path, ggml_type, out: Path, head_rule: TensorTypeRul
     rules = [TensorTypeRule(r"blk\.\d+\.ffn_down\.weight", T.F16)] if source == STORIES_DIR else []
     rules += [head_rule] if head_rule else []
     rules += [TensorTypeRule(r"blk\..*\.weight", ggml_type), TensorTypeRule(r"token_embd\.weight", T.Q8_0)]
-    return export_model(source, out, Policy.named("w4", rules=rules), pad="none", threads=2).path
+    matrix = None
+    if ggml_type in TYPES_NEEDING_IMATRIX:  # llama.cpp quantizes IQ3_XXS only with an importance matrix, as a user would
+        from recover_lora.recovery.imatrix import compute_imatrix
+
+        matrix = compute_imatrix(source, out.with_suffix(".imatrix.gguf"), text=HELDOUT_TEXT, seq_len=64, max_tokens=1024, pad="none")
+    return export_model(source, out, Policy.named("w4", rules=rules), pad="none", threads=2, imatrix=matrix).path
 
 
 def tensors(path: Path) -> dict:

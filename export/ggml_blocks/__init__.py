@@ -2,8 +2,8 @@
 
 One dataclass per ggml type, all with one API (base.py): block32.py holds Q4_0, Q4_1, Q5_0, Q5_1,
 Q8_0 and IQ4_NL, k_quants.py Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, codebook.py IQ4_XS (and what it shares with
-IQ4_NL: codes that index a table of levels), iq_grid.py IQ3_S (a code per group of 4 weights names a grid point; a sign
-per weight). The other IQ grid types (IQ2_*, IQ3_XXS, IQ1_*) are not here. Codes, scale codes and min codes are
+IQ4_NL: codes that index a table of levels), iq_grid.py IQ3_S and IQ3_XXS (a code per group of 4 weights names a grid
+point; a sign per weight). The other IQ grid types (IQ2_*, IQ1_*) are not here. Codes, scale codes and min codes are
 integer arrays in weight order, as stored; d/dmin/m are float32 arrays of fp16 values.
 
 Example:
@@ -31,7 +31,7 @@ from recover_lora.export.ggml_blocks.block32 import (
     Q8_0Blocks,
 )
 from recover_lora.export.ggml_blocks.codebook import CODEBOOK_TYPES, IQ4_NL_VALUES, CodebookBlocks, IQ4XSBlocks
-from recover_lora.export.ggml_blocks.iq_grid import GRID_TYPES, GridBlocks, IQ3SBlocks
+from recover_lora.export.ggml_blocks.iq_grid import GRID_TYPES, GridBlocks, IQ3SBlocks, IQ3XXSBlocks
 from recover_lora.export.ggml_blocks.k_quants import K_QUANT_TYPES, Q2KBlocks, Q3KBlocks, Q4KBlocks, Q5KBlocks, Q6KBlocks
 
 BLOCK_TYPES: dict[gguf.GGMLQuantizationType, type[GGMLBlocks]] = {
@@ -58,5 +58,5 @@ def from_bytes(raw, ggml_type: gguf.GGMLQuantizationType | int | str) -> GGMLBlo
 __all__ = [
     "BLOCK_TYPES", "CodebookBlocks", "GGMLBlocks", "GridBlocks", "HalfField", "IntField", "IQ4_NL_VALUES", "blocks_for", "from_bytes",
     "Q4_0Blocks", "Q4_1Blocks", "Q5_0Blocks", "Q5_1Blocks", "Q8_0Blocks", "IQ4NLBlocks",
-    "Q2KBlocks", "Q3KBlocks", "Q4KBlocks", "Q5KBlocks", "Q6KBlocks", "IQ4XSBlocks", "IQ3SBlocks",
+    "Q2KBlocks", "Q3KBlocks", "Q4KBlocks", "Q5KBlocks", "Q6KBlocks", "IQ4XSBlocks", "IQ3SBlocks", "IQ3XXSBlocks",
 ]
