@@ -292,6 +292,8 @@ def reconstruct_command(
                                   help="mse: every output alike; fisher: by the teacher's Fisher diagonal of each block output (BRECQ)"),
     head: bool = typer.Option(reconstruct_defaults.ReconstructSettings.head, "--head/--no-head",
                               help="Then tune the output head (lm_head, or the tied token embedding) on the next-token KL"),
+    keep_type: list[str] = typer.Option([], "--keep-type", help="A ggml type (e.g. IQ3_XXS) whose tensors keep llama.cpp's bytes "
+                                        "while the others learn around them; repeatable"),
     batch_size: int = typer.Option(reconstruct_defaults.DEFAULT_BATCH_SIZE, "--batch-size", help="Windows per step"),
     seed: int = typer.Option(0, "--seed", help="Seed of the windows' order"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | mps"),
@@ -306,7 +308,8 @@ def reconstruct_command(
     from recover_lora.recovery.reconstruct import ReconstructSettings, reconstruct
 
     settings = ReconstructSettings(iters=iters, lr=lr, tune=tune, scale_lr_share=scale_lr_share, target=target, weighting=weighting,
-                                   head=head, batch_size=batch_size, seed=seed, device=device)  # checked before any work
+                                   head=head, keep_types=tuple(keep_type), batch_size=batch_size, seed=seed,
+                                   device=device)  # checked before any work
     if threads is not None:
         import torch
 
@@ -325,7 +328,7 @@ def reconstruct_command(
                    f"windows, {'kept' if h.kept else 'reverted (no better)'}, {h.seconds:.0f} s")
     kept = sum(r.kept for r in result.blocks)
     typer.echo(f"wrote {result.path}: {len(result.rewritten)} tensors rewritten in {kept} of {len(result.blocks)} blocks "
-               f"({result.resumed_blocks} from the checkpoint), {len(result.untouched)} left as they are (no block format); "
+               f"({result.resumed_blocks} from the checkpoint), {len(result.untouched)} left as they are (no block format, or --keep-type); "
                f"report {result.report_path}")
 
 

@@ -23,8 +23,8 @@ For block i, on the calibration windows:
 - the student's input to block i + 1 is block i's output with the weights written.
 Then (--head, the default) the output head, lm_head or the tied token embedding, learns the same way on the
 next-token KL from the student's final hidden states (recovery/output_head.py), judged on held-out windows.
-Block linears of a type with no block format (F16, the IQ grid types but IQ3_S and IQ3_XXS) are left as they are and
-listed in the report; an untied token embedding and every 1-D tensor are never touched.
+Block linears of a type with no block format (F16, the IQ grid types but IQ3_S and IQ3_XXS), or of a type named by
+--keep-type, are left as they are and listed in the report; an untied token embedding and every 1-D tensor are never touched.
 
 What it buys on the default model (README "Block-wise reconstruction"): 11-17 % of a searched file's held-out KL at
 the same bytes, the output head's stage included; the blocks' own errors fall by 30-70 %, but about half of what is
@@ -90,6 +90,8 @@ class ReconstructSettings:
     weighting: str = "mse"
     # Then the output head (lm_head, or the tied token embedding) on the next-token KL (recovery/output_head.py).
     head: bool = True
+    # ggml types (names) whose tensors keep their bytes, e.g. ("IQ3_XXS",): the others learn around llama.cpp's choice.
+    keep_types: tuple[str, ...] = ()
     batch_size: int = DEFAULT_BATCH_SIZE
     seed: int = 0
     device: str = "cpu"
@@ -106,6 +108,9 @@ class ReconstructSettings:
                 raise RecoverLoraError(f"--{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
         if not 0 <= self.scale_lr_share <= 1:
             raise RecoverLoraError(f"--scale-lr-share={self.scale_lr_share} must be within [0, 1] (0 leaves the scales as they are)")
+        unknown = [name for name in self.keep_types if name not in gguf.GGMLQuantizationType.__members__]
+        if unknown:
+            raise RecoverLoraError(f"--keep-type {unknown[0]}: not a ggml type; give names such as IQ3_XXS, IQ3_S or Q2_K")
 
     @property
     def learning_rate(self) -> float:
@@ -192,11 +197,14 @@ def run_identity(base_gguf: Path, teacher, ids, counted, settings) -> dict:
     from recover_lora.fileio import sha256_file
     from recover_lora.recovery.teacher_source import teacher_source_identity
 
+    recorded = asdict(settings)
+    if recorded.get("keep_types") == ():  # the default: checkpoints from before the setting existed stay resumable
+        del recorded["keep_types"]
     return {
         "base": {"name": base_gguf.name, "sha256": sha256_file(base_gguf)},
         "teacher": teacher_source_identity(teacher_path(teacher)),
         "calibration": {"windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "sha256": windows_digest(ids, counted)},
-        **asdict(settings),
+        **recorded,
     }
 
 
@@ -217,15 +225,16 @@ def load_matching_teacher(teacher, info, base_name: str, ids, tensors):
     return teacher_model
 
 
-def plan_tensors(info, n_layers: int) -> tuple[list[list[TensorToTune]], dict[str, str]]:
-    """Per block, the linears with a block format; and every block linear without one (name -> type)."""
+def plan_tensors(info, n_layers: int, keep_types: tuple[str, ...] = ()) -> tuple[list[list[TensorToTune]], dict[str, str]]:
+    """Per block, the linears with a block format; and every block linear without one, or of a type in `keep_types`
+    (name -> type)."""
     from recover_lora.export.ggml_blocks import BLOCK_TYPES
     from recover_lora.export.model import hf_name
 
     per_block, untouched = [[] for _ in range(n_layers)], {}
     for name in info.block_linears():
         ggml_type = info.tensor_types[name]
-        if ggml_type not in BLOCK_TYPES:
+        if ggml_type not in BLOCK_TYPES or ggml_type.name in keep_types:
             untouched[name] = ggml_type.name
             continue
         block = int(name.split(".")[1])
@@ -414,7 +423,7 @@ def reconstruct_head(teacher, student, info, base_tensors: dict, ids, counted, l
 
     name = head_tensor_name(info)
     ggml_type, held = info.tensor_types[name], held_out_count(ids.shape[0])
-    if ggml_type not in BLOCK_TYPES:
+    if ggml_type not in BLOCK_TYPES or ggml_type.name in settings.keep_types:
         untouched[name] = ggml_type.name
         return None, {}
     if held == 0:
@@ -480,9 +489,10 @@ def reconstruct(
     base_gguf, info = read_base(base_gguf, "reconstruction")
     out_path = check_output(out_path, force)
     report_path = check_output(report_path or out_path.with_suffix(".reconstruct.json"), force)
-    per_block, untouched = plan_tensors(info, info.config.num_layers)
+    per_block, untouched = plan_tensors(info, info.config.num_layers, settings.keep_types)
     if not any(per_block):
-        raise RecoverLoraError(f"{base_gguf.name} has no block linear of a type with a block format "
+        kept = f" outside --keep-type {' '.join(settings.keep_types)}" if settings.keep_types else ""
+        raise RecoverLoraError(f"{base_gguf.name} has no block linear of a type with a block format{kept} "
                                f"(found {', '.join(sorted(set(untouched.values()))) or 'none'}); nothing to reconstruct")
     ids, counted = counted_windows(teacher, samples, text, max_samples, seq_len)
     work = work_folder(out_path)

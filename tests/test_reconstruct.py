@@ -58,12 +58,15 @@ def models(tmp_path_factory) -> dict[str, Path]:
             "gemma3": make_tiny_hf_model(folder / "gemma3", "gemma3", seed=2)}
 
 
-def export_unpadded(source: Path, ggml_type, out: Path, head_rule: TensorTypeRule | None = None) -> Path:
-    """Every block linear at `ggml_type`, the model's own widths; stories' ffn_down (172 inputs) stays F16."""
+def export_unpadded(source: Path, ggml_type, out: Path, head_rule: TensorTypeRule | None = None,
+                    extra_rules: list[TensorTypeRule] | None = None) -> Path:
+    """Every block linear at `ggml_type` (but where `extra_rules` say otherwise), the model's own widths; stories' ffn_down
+    (172 inputs) stays F16."""
     from recover_lora.export.quantize import export_model
 
     rules = [TensorTypeRule(r"blk\.\d+\.ffn_down\.weight", T.F16)] if source == STORIES_DIR else []
     rules += [head_rule] if head_rule else []
+    rules += extra_rules or []
     rules += [TensorTypeRule(r"blk\..*\.weight", ggml_type), TensorTypeRule(r"token_embd\.weight", T.Q8_0)]
     matrix = None
     if ggml_type in TYPES_NEEDING_IMATRIX:  # llama.cpp quantizes IQ3_XXS only with an importance matrix, as a user would
@@ -355,6 +358,27 @@ def test_block_output_fisher_predicts_the_kl_of_a_perturbation_of_a_block_output
 def test_unknown_choices_are_one_line_errors(field, value):
     with pytest.raises(RecoverLoraError, match=rf"--{field}='{value}': choose one of"):
         ReconstructSettings(**{field: value})
+
+
+def test_a_kept_type_keeps_its_bytes_while_the_others_learn_and_a_bad_name_is_a_one_line_error(synth, tmp_path):
+    """--keep-type: llama.cpp's bytes for that type (the grid types, where the held-out gain came from the others)."""
+    torch_threads()
+    rules = [TensorTypeRule(r"blk\.\d+\.ffn_down\.weight", T.F16), TensorTypeRule(r"blk\.\d+\.ffn_(gate|up)\.weight", T.Q5_0)]
+    base = export_unpadded(STORIES_DIR, T.Q4_0, tmp_path / "base.gguf", head_rule=None, extra_rules=rules)
+    settings = dataclasses.replace(SETTINGS, head=False, keep_types=("Q5_0",))
+    result = reconstruct(base, tmp_path / "rec.gguf", teacher=STORIES_DIR, samples=synth, settings=settings)
+    old, new = tensors(base), tensors(result.path)
+    kept = {n for n, t in old.items() if t.tensor_type == T.Q5_0}
+    assert kept and all(np.array_equal(raw_bytes(new[n]), raw_bytes(old[n])) for n in kept)
+    assert {n for n in kept} <= set(result.untouched) and result.rewritten and not set(result.rewritten) & kept
+    assert json.loads(result.report_path.read_text())["settings"]["keep_types"] == ["Q5_0"]
+    with pytest.raises(RecoverLoraError, match="nothing to reconstruct") as error:
+        reconstruct(base, tmp_path / "none.gguf", teacher=STORIES_DIR, samples=synth,
+                    settings=dataclasses.replace(settings, keep_types=("Q5_0", "Q4_0")))
+    assert "outside --keep-type Q5_0 Q4_0" in str(error.value) and not (tmp_path / "none.gguf").exists()
+    with pytest.raises(RecoverLoraError, match="--keep-type IQ9_Z: not a ggml type") as error:
+        ReconstructSettings(keep_types=("IQ9_Z",))
+    assert "\n" not in str(error.value)
 
 
 def test_heldout_with_every_quantized_tensor_from_the_teacher_is_the_teacher_and_a_wrong_name_is_refused(stories_q4_0):
