@@ -120,7 +120,7 @@ baselines: $(STAMP)
 # its decode as llama.cpp's per-type rates measured on this machine predict it (13 random-weight exports of the model's
 # shape, once per machine and build; the search's own timing is left off: on a shared 2-core VM one pair's repeats
 # differ by 10-20 %, README "A model whose widths fit"; no padding to choose, every width fits), and GateUp + recovery as
-# far as this machine goes (`reconstruct` of the blocks, 64 windows x 50 steps, no head's stage: ~4 min a block, ~1.7
+# far as this machine goes (`reconstruct` of the blocks, 64 windows x 50 steps, no head's stage: ~3.5 min a block, ~1.6
 # hours; kl-tune of a 1.5B model needs ~90 GiB, `recover-lora plan`), against llama.cpp's presets on the model as it
 # is, all with one importance matrix from
 # 64 x 128 tokens of the teacher's own text; held-out KL on the README's GSM8K windows (2,048 tokens: a 1.5B teacher
