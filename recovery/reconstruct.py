@@ -225,16 +225,22 @@ def load_matching_teacher(teacher, info, base_name: str, ids, tensors):
     return teacher_model
 
 
+def tuned_type(ggml_type, keep_types: tuple[str, ...]) -> bool:
+    """Whether reconstruct tunes tensors of this type: it has a block format and --keep-type does not name it."""
+    from recover_lora.export.ggml_blocks import BLOCK_TYPES
+
+    return ggml_type in BLOCK_TYPES and ggml_type.name not in keep_types
+
+
 def plan_tensors(info, n_layers: int, keep_types: tuple[str, ...] = ()) -> tuple[list[list[TensorToTune]], dict[str, str]]:
     """Per block, the linears with a block format; and every block linear without one, or of a type in `keep_types`
     (name -> type)."""
-    from recover_lora.export.ggml_blocks import BLOCK_TYPES
     from recover_lora.export.model import hf_name
 
     per_block, untouched = [[] for _ in range(n_layers)], {}
     for name in info.block_linears():
         ggml_type = info.tensor_types[name]
-        if ggml_type not in BLOCK_TYPES or ggml_type.name in keep_types:
+        if not tuned_type(ggml_type, keep_types):
             untouched[name] = ggml_type.name
             continue
         block = int(name.split(".")[1])
@@ -416,14 +422,13 @@ def reconstruct_head(teacher, student, info, base_tensors: dict, ids, counted, l
     `last_outputs`: the student's last block outputs (the blocks as written); `teacher_last_outputs`: the teacher's own,
     when the chain target computed them (else the teacher runs once more, streamed). No record when the head's type has
     no block format (it joins `untouched`) or a single window leaves none to judge on."""
-    from recover_lora.export.ggml_blocks import BLOCK_TYPES
     from recover_lora.export.model import hf_name
     from recover_lora.recovery.output_head import (final_hidden, head_kl, head_tensor_name, held_out_count, streamed_final_hidden,
                                                    tune_output_head)
 
     name = head_tensor_name(info)
     ggml_type, held = info.tensor_types[name], held_out_count(ids.shape[0])
-    if ggml_type not in BLOCK_TYPES or ggml_type.name in settings.keep_types:
+    if not tuned_type(ggml_type, settings.keep_types):
         untouched[name] = ggml_type.name
         return None, {}
     if held == 0:

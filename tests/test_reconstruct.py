@@ -20,10 +20,10 @@ import torch
 
 from conftest import STORIES_DIR, llama_cpp_logits, make_tiny_hf_model, sample_tokens, torch_logits, torch_threads
 from recover_lora.errors import RecoverLoraError
-from recover_lora.export.gguf_header import read_gguf_header
-from recover_lora.export.imatrix_file import TYPES_NEEDING_IMATRIX
 from recover_lora.export.ggml_blocks import BLOCK_TYPES, from_bytes
 from recover_lora.export.ggml_quantize import quantize_rows
+from recover_lora.export.gguf_header import read_gguf_header
+from recover_lora.export.imatrix_file import TYPES_NEEDING_IMATRIX
 from recover_lora.export.model import hf_name
 from recover_lora.export.policy import Policy, TensorTypeRule
 from recover_lora.recovery import reconstruct as reconstruct_module
@@ -370,7 +370,7 @@ def test_a_kept_type_keeps_its_bytes_while_the_others_learn_and_a_bad_name_is_a_
     old, new = tensors(base), tensors(result.path)
     kept = {n for n, t in old.items() if t.tensor_type == T.Q5_0}
     assert kept and all(np.array_equal(raw_bytes(new[n]), raw_bytes(old[n])) for n in kept)
-    assert {n for n in kept} <= set(result.untouched) and result.rewritten and not set(result.rewritten) & kept
+    assert kept <= set(result.untouched) and result.rewritten and not set(result.rewritten) & kept
     assert json.loads(result.report_path.read_text())["settings"]["keep_types"] == ["Q5_0"]
     with pytest.raises(RecoverLoraError, match="nothing to reconstruct") as error:
         reconstruct(base, tmp_path / "none.gguf", teacher=STORIES_DIR, samples=synth,
