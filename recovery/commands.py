@@ -184,6 +184,8 @@ def heldout_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON"),
     teacher_tensor: Optional[list[str]] = typer.Option(None, "--teacher-tensor",
                                                        help="A GGUF tensor whose teacher weights replace the student's (repeatable): what its quantization costs"),
+    block_errors: bool = typer.Option(False, "--block-errors",
+                                      help="Also each block's output error against the teacher's block on the same input (what reconstruct lowers)"),
 ) -> None:
     """Measure KL to the teacher, top-1 agreement and perplexity on held-out text: teacher, student, student + adapter."""
     from recover_lora.fileio import atomic_output
@@ -193,7 +195,8 @@ def heldout_command(
         import torch
 
         torch.set_num_threads(threads)
-    report = heldout_report(base, adapter, teacher, text, window, max_tokens, batch_size, device, tuple(teacher_tensor or ()))
+    report = heldout_report(base, adapter, teacher, text, window, max_tokens, batch_size, device, tuple(teacher_tensor or ()),
+                            block_errors)
     typer.echo(format_report(report))
     if json_out is not None:
         with atomic_output(json_out, force=True) as tmp:

@@ -115,6 +115,22 @@ def output_error(outputs: torch.Tensor, targets: torch.Tensor, weights: torch.Te
     return squared / total.clamp_min(torch.finfo(squared.dtype).tiny)
 
 
+def local_block_errors(teacher, student, input_ids: torch.Tensor, device: str = "cpu") -> list[float]:
+    """Per decoder block, over every position of these windows: the mean squared error of the student's block output
+    against the teacher's block applied to the same input (the student's own, earlier blocks as quantized): the error
+    `reconstruct` lowers on its calibration windows (--target local, --weighting mse), here on any text. Both models on
+    `device`."""
+    seq_len, counted = input_ids.shape[1], torch.ones(input_ids.shape, dtype=torch.bool)
+    teacher_kwargs, student_kwargs = layer_kwargs(teacher, seq_len, device), layer_kwargs(student, seq_len, device)
+    inputs, errors = layer_inputs(student, input_ids, device), []
+    for index, (teacher_layer, layer) in enumerate(zip(decoder_layers(teacher), decoder_layers(student))):
+        outputs = layer_outputs(layer, inputs, student_kwargs[index], device)
+        targets = layer_outputs(teacher_layer, inputs, teacher_kwargs[index], device)
+        errors.append(float(output_error(outputs, targets, counted)))
+        inputs = outputs
+    return errors
+
+
 def block_output_fisher(model, input_ids: torch.Tensor, counted: torch.Tensor, device: str = "cpu", seed: int = 0) -> list[torch.Tensor]:
     """Per decoder block, float32 [n, seq, hidden] on the CPU: the squared gradient of the model's log-likelihood with
     respect to that block's output, labels sampled from the model itself (the true Fisher's diagonal, as

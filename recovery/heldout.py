@@ -90,6 +90,7 @@ def heldout_report(
     batch_size: int = 4,
     device: str = "auto",
     teacher_tensors: tuple[str, ...] = (),
+    block_errors: bool = False,
 ) -> dict:
     """Measure teacher, student and student + adapter on held-out text (default: GSM8K test rows).
 
@@ -119,6 +120,12 @@ def heldout_report(
     student, info = build_student(base_gguf)
     check_teacher_matches(teacher_config, info)
     _use_teacher_tensors(student, teacher, info, teacher_tensors)
+    errors = None
+    if block_errors:
+        from recover_lora.recovery.decoder_blocks import local_block_errors
+
+        student.to(torch_device).eval()
+        errors = local_block_errors(teacher, student, windows, torch_device)
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -134,6 +141,7 @@ def heldout_report(
         "window": window,
         "rows": [asdict(r) for r in rows],
         "teacher_tensors": list(teacher_tensors),
+        "block_errors": errors,
     }
 
 
@@ -157,4 +165,8 @@ def format_report(report: dict) -> str:
     header = f"{'model':<24} {'KL(t||m)':>10} {'top-1':>10} {'ppl':>10}"
     lines = [f"held-out: {report['text']} ({report['windows']} windows x {report['window']} tokens)", header]
     lines += [HeldoutMetrics(**row).row() for row in report["rows"]]
+    if report.get("block_errors"):
+        errors = report["block_errors"]
+        lines.append(f"block output errors of the student (against the teacher's block on the same input), sum {sum(errors):.5g}: "
+                     + " ".join(f"{error:.3g}" for error in errors))
     return "\n".join(lines)

@@ -399,6 +399,23 @@ def test_heldout_with_every_quantized_tensor_from_the_teacher_is_the_teacher_and
         heldout_report(stories_q4_0, teacher_tensors=("blk.9.ffn_up.weight",), **common)
 
 
+def test_heldout_block_errors_are_each_blocks_own_and_vanish_where_the_teacher_weights_are(stories_q4_0):
+    """`heldout --block-errors`: block 0 with the teacher's weights adds no error, every other quantized block does."""
+    from recover_lora.recovery.heldout import format_report, heldout_report
+    from recover_lora.recovery.student import read_student_info
+
+    torch_threads()
+    block0 = tuple(n for n, t in read_student_info(stories_q4_0).tensor_types.items() if n.startswith("blk.0.") and t != T.F32)
+    common = dict(teacher_source=STORIES_DIR, text=HELDOUT_TEXT, window=64, max_tokens=512, device="cpu", block_errors=True)
+    plain = heldout_report(stories_q4_0, **common)
+    fixed = heldout_report(stories_q4_0, teacher_tensors=block0, **common)["block_errors"]
+    assert block0 and len(plain["block_errors"]) == len(fixed) == build_teacher(STORIES_DIR)[1].num_layers
+    assert all(error > 0 for error in plain["block_errors"]) and all(error > 0 for error in fixed[1:])
+    assert fixed[0] == pytest.approx(0, abs=1e-12)
+    assert "block output errors of the student" in format_report(plain)
+    assert heldout_report(stories_q4_0, **{**common, "block_errors": False})["block_errors"] is None
+
+
 def test_a_preset_with_an_unknown_reconstruct_weighting_is_refused_when_built():
     from recover_lora.presets import PRESETS
 
