@@ -171,6 +171,13 @@ def check_adapter_command(
     )
 
 
+def keep_types_setting(names: list[str] | None) -> tuple[str, ...]:
+    """--keep-type as given: omitted, the default (the IQ grid types); `none`, no type kept."""
+    if names is None:
+        return reconstruct_defaults.GRID_TYPES_KEPT
+    return () if [name.lower() for name in names] == ["none"] else tuple(names)
+
+
 def heldout_command(
     base: Path = typer.Option(..., "--base", help="The quantized GGUF (student)"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="peft adapter folder (a run's adapter/); omit for before-only"),
@@ -295,8 +302,9 @@ def reconstruct_command(
                                   help="mse: every output alike; fisher: by the teacher's Fisher diagonal of each block output (BRECQ)"),
     head: bool = typer.Option(reconstruct_defaults.ReconstructSettings.head, "--head/--no-head",
                               help="Then tune the output head (lm_head, or the tied token embedding) on the next-token KL"),
-    keep_type: list[str] = typer.Option([], "--keep-type", help="A ggml type (e.g. IQ3_XXS) whose tensors keep llama.cpp's bytes "
-                                        "while the others learn around them; repeatable"),
+    keep_type: Optional[list[str]] = typer.Option(None, "--keep-type", help="A ggml type (e.g. Q4_K) whose tensors keep llama.cpp's bytes "
+                                                  "while the others learn around them; repeatable; none: tune every type "
+                                                  f"[default: {' '.join(reconstruct_defaults.GRID_TYPES_KEPT)}]"),
     batch_size: int = typer.Option(reconstruct_defaults.DEFAULT_BATCH_SIZE, "--batch-size", help="Windows per step"),
     seed: int = typer.Option(0, "--seed", help="Seed of the windows' order"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | mps"),
@@ -311,7 +319,7 @@ def reconstruct_command(
     from recover_lora.recovery.reconstruct import ReconstructSettings, reconstruct
 
     settings = ReconstructSettings(iters=iters, lr=lr, tune=tune, scale_lr_share=scale_lr_share, target=target, weighting=weighting,
-                                   head=head, keep_types=tuple(keep_type), batch_size=batch_size, seed=seed,
+                                   head=head, keep_types=keep_types_setting(keep_type), batch_size=batch_size, seed=seed,
                                    device=device)  # checked before any work
     if threads is not None:
         import torch

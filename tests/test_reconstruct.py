@@ -29,6 +29,7 @@ from recover_lora.export.policy import Policy, TensorTypeRule
 from recover_lora.recovery import reconstruct as reconstruct_module
 from recover_lora.recovery.activations import counted_positions
 from recover_lora.recovery.quantized_weight import QuantizedWeight, signed_step
+from recover_lora.recovery.commands import keep_types_setting
 from recover_lora.recovery.reconstruct import ReconstructSettings, reconstruct
 from recover_lora.recovery.samples import load_samples
 from recover_lora.recovery.student import build_student, build_teacher
@@ -39,7 +40,7 @@ T = gguf.GGMLQuantizationType
 BLOCK32 = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL]
 K_QUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS]  # IQ4_XS: 256-weight super-blocks too (IQ3_S below)
 ITERS = 24  # few steps at the default step size (1 / DEFAULT_ITERS): every block improves on tiny models
-SETTINGS = ReconstructSettings(iters=ITERS, lr=1 / reconstruct_module.DEFAULT_ITERS, batch_size=4)
+SETTINGS = ReconstructSettings(iters=ITERS, lr=1 / reconstruct_module.DEFAULT_ITERS, batch_size=4, keep_types=())  # every type
 # (model, type): stories260K for the 32-weight types, the tiny Llama for the K-quants and the IQ3_S / IQ3_XXS grids, one Qwen2
 # (biases, GQA).
 CASES = [("stories", t) for t in BLOCK32] + [("llama", t) for t in K_QUANTS + [T.IQ3_S, T.IQ3_XXS]] + [("qwen2", T.Q4_K)]
@@ -376,6 +377,9 @@ def test_a_kept_type_keeps_its_bytes_while_the_others_learn_and_a_bad_name_is_a_
         reconstruct(base, tmp_path / "none.gguf", teacher=STORIES_DIR, samples=synth,
                     settings=dataclasses.replace(settings, keep_types=("Q5_0", "Q4_0")))
     assert "outside --keep-type Q5_0 Q4_0" in str(error.value) and not (tmp_path / "none.gguf").exists()
+    assert ReconstructSettings().keep_types == ("IQ3_S", "IQ3_XXS")  # the grids stay llama.cpp's unless asked
+    assert (keep_types_setting(None), keep_types_setting(["none"]), keep_types_setting(["Q5_0", "Q4_0"])) == \
+        (("IQ3_S", "IQ3_XXS"), (), ("Q5_0", "Q4_0"))
     with pytest.raises(RecoverLoraError, match="--keep-type IQ9_Z: not a ggml type") as error:
         ReconstructSettings(keep_types=("IQ9_Z",))
     assert "\n" not in str(error.value)
