@@ -499,8 +499,9 @@ def reconstruct_memory(sizes: ModelSizes, s: PlanSettings, gpus: int) -> tuple[d
 
 def reconstruct_head_phase(sizes: ModelSizes, blocks_host: dict, models: dict, on_gpu: bool) -> tuple[dict, dict]:
     """reconstruct's last phase (recovery/output_head.py), from `blocks_host`, the blocks' phase's host parts before a
-    block's tuning state is placed: the teacher keeps its embedding and head, the student too unless the head is tied (its verdict runs every block), their blocks freed; the head is tuned as kl-tune tunes a tensor, on a
-    step's logits of both sides."""
+    block's tuning state is placed: the teacher keeps its embedding and head, the student too unless the head is tied
+    (its verdict runs every block), their blocks freed; the head is tuned as kl-tune tunes a tensor, on a step's logits
+    of both sides."""
     from recover_lora.recovery.output_head import HEAD_STEP_LOGITS
 
     c = sizes.teacher

@@ -30,8 +30,8 @@ token embedding and every 1-D tensor are never touched.
 What it buys on the default model (README "Block-wise reconstruction"): 11-17 % of a searched file's held-out KL at
 the same bytes, the output head's stage included; the blocks' own errors fall by 30-70 % on the calibration windows
 but by 20-25 % on unseen text (`heldout --block-errors`), whatever the step, weighting or amount of text, and about
-half of what is left sits in the tied token embedding / output head. The "chain" target lowered the calibration windows' KL by 13 %
-but unseen text's by 1.6 % (it fits the calibration text).
+half of what is left sits in the tied token embedding / output head. The "chain" target lowered the calibration
+windows' KL by 13 % but unseen text's by 1.6 % (it fits the calibration text).
 
 Checkpointed per block (reconstruct_checkpoint.py): a killed run resumes after its last finished block,
 re-running the finished blocks forward (cheap) to rebuild the caches; same settings give the same bytes.
@@ -66,8 +66,8 @@ DEFAULT_SAMPLES = 128  # calibration windows, AutoRound's nsamples
 # Whole-set evaluations of a block's error while it tunes; it keeps the best (a forward pass over every window each:
 # on 128 windows and batch 8, about a fifth more time at 100 iters).
 SNAPSHOTS = 4
-# Kept at llama.cpp's bytes unless asked (--keep-type none): held-out KL with them tuned / kept, IQ3_XXS 0.1434 / 0.1323,
-# IQ3_S 0.1271 / 0.1143 on the default model.
+# Kept at llama.cpp's bytes unless asked (--keep-type none): held-out KL with them tuned / kept, IQ3_XXS 0.1434 /
+# 0.1323, IQ3_S 0.1271 / 0.1143 on the default model.
 GRID_TYPES_KEPT = ("IQ3_S", "IQ3_XXS")
 TUNE_CHOICES = ("codes", "scales", "both")
 TARGET_CHOICES = ("local", "chain")
@@ -205,7 +205,8 @@ def run_identity(base_gguf: Path, teacher, ids, counted, settings) -> dict:
     from recover_lora.recovery.teacher_source import teacher_source_identity
 
     recorded = asdict(settings)
-    if recorded.get("keep_types") == ():  # the default: checkpoints from before the setting existed stay resumable
+    # Every type tuned (--keep-type none) is what runs from before the setting existed did: their checkpoints resume.
+    if recorded.get("keep_types") == ():
         del recorded["keep_types"]
     return {
         "base": {"name": base_gguf.name, "sha256": sha256_file(base_gguf)},

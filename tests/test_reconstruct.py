@@ -28,8 +28,8 @@ from recover_lora.export.model import hf_name
 from recover_lora.export.policy import Policy, TensorTypeRule
 from recover_lora.recovery import reconstruct as reconstruct_module
 from recover_lora.recovery.activations import counted_positions
-from recover_lora.recovery.quantized_weight import QuantizedWeight, signed_step
 from recover_lora.recovery.commands import keep_types_setting
+from recover_lora.recovery.quantized_weight import QuantizedWeight, signed_step
 from recover_lora.recovery.reconstruct import ReconstructSettings, reconstruct
 from recover_lora.recovery.samples import load_samples
 from recover_lora.recovery.student import build_student, build_teacher
